@@ -1,0 +1,228 @@
+"""`stillhouse serve | models | adapters`: the serving commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_models(subparsers)
+    _register_adapters(subparsers)
+    _register_serve(subparsers)
+    _register_demo(subparsers)
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+def _register_models(subparsers: argparse._SubParsersAction) -> None:
+    models = subparsers.add_parser("models", help="list and provision base models")
+    sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    listing = sub.add_parser("list", help="known base models and whether they are cached")
+    listing.set_defaults(handler=_models_list)
+    path = sub.add_parser("path", help="print the local HF checkpoint directory of a base (provisions it)")
+    path.add_argument("name", help="gemma-3-270m, tiny, or a local HF model directory")
+    path.set_defaults(handler=_models_path)
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from serving import base_models
+
+    for status in base_models.list_bases():
+        state = "cached" if status.cached else "not cached"
+        print(f"{status.name:<16} {state:<11} {status.path}  {status.description}")
+    return 0
+
+
+def _models_path(args: argparse.Namespace) -> int:
+    from serving import base_models
+
+    print(base_models.provision(args.name))
+    return 0
+
+
+# --- adapters -----------------------------------------------------------------------------
+
+
+def _add_registry_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--registry", type=Path, default=None, help="registry directory (default: $STILLHOUSE_HOME/registry)")
+
+
+def _register_adapters(subparsers: argparse._SubParsersAction) -> None:
+    adapters = subparsers.add_parser("adapters", help="check adapters and manage the adapter registry")
+    sub = adapters.add_subparsers(dest="adapters_command", metavar="ACTION", required=True)
+
+    check = sub.add_parser("check", help="check that a LoRA adapter directory is servable (exit 1 if not)")
+    check.add_argument("path", type=Path)
+    check.add_argument("--profile", default="strict", help="lorax, vllm or strict (default)")
+    check.add_argument("--base", default="gemma-3-270m", help="the base it will be served on: a name or a local HF model directory")
+    check.set_defaults(handler=_adapters_check)
+
+    add = sub.add_parser("add", help="copy a servable adapter into the registry as a new version")
+    add.add_argument("path", type=Path)
+    add.add_argument("--name", required=True)
+    add.add_argument("--profile", default="strict", help="lorax, vllm or strict (default)")
+    add.add_argument("--base", default="gemma-3-270m", help="the base it will be served on: a name or a local HF model directory")
+    _add_registry_flag(add)
+    add.set_defaults(handler=_adapters_add)
+
+    listing = sub.add_parser("list", help="every adapter version in the registry")
+    _add_registry_flag(listing)
+    listing.set_defaults(handler=_adapters_list)
+
+    show = sub.add_parser("show", help="metadata of NAME (latest) or NAME@vN")
+    show.add_argument("adapter_id")
+    _add_registry_flag(show)
+    show.set_defaults(handler=_adapters_show)
+
+    rm = sub.add_parser("rm", help="remove NAME (all versions) or NAME@vN")
+    rm.add_argument("adapter_id")
+    _add_registry_flag(rm)
+    rm.set_defaults(handler=_adapters_rm)
+
+
+def _adapters_check(args: argparse.Namespace) -> int:
+    from serving import base_models, servability
+
+    base_dir = base_models.provision(args.base)
+    violations = servability.check_adapter(args.path, base_dir, profile=args.profile, base_name=args.base)
+    if not violations:
+        print(f"servable ({args.profile} profile, base {args.base}): {args.path}")
+        return 0
+    print(f"not servable ({args.profile} profile, base {args.base}): {args.path}", file=sys.stderr)
+    for violation in violations:
+        print(f"  - {violation}", file=sys.stderr)
+    return 1
+
+
+def _open_registry(args: argparse.Namespace):
+    from serving.registry import Registry, default_registry_dir
+
+    return Registry(args.registry or default_registry_dir())
+
+
+def _adapters_add(args: argparse.Namespace) -> int:
+    from serving import base_models
+    from serving.registry import NotServableError
+
+    base_dir = base_models.provision(args.base)
+    try:
+        entry = _open_registry(args).add(args.path, args.name, base_dir=base_dir, profile=args.profile)
+    except NotServableError as error:
+        print(f"refused: {error.message}", file=sys.stderr)
+        for violation in error.violations:
+            print(f"  - {violation}", file=sys.stderr)
+        return 1
+    print(f"added {entry.id} ({entry.path})")
+    return 0
+
+
+def _adapters_list(args: argparse.Namespace) -> int:
+    entries = _open_registry(args).list()
+    if not entries:
+        print("the registry is empty; add one with `stillhouse adapters add PATH --name NAME`")
+    for entry in entries:
+        meta = entry.metadata
+        print(f"{entry.id:<32} r={meta.get('rank')} base={meta.get('base_model')} created={meta.get('created')}")
+    return 0
+
+
+def _adapters_show(args: argparse.Namespace) -> int:
+    from serving.errors import ServingError
+
+    try:
+        entry = _open_registry(args).resolve(args.adapter_id)
+    except ServingError as error:
+        print(error.message, file=sys.stderr)
+        return 1
+    print(json.dumps({"id": entry.id, "path": str(entry.path), **entry.metadata}, indent=2, default=str))
+    return 0
+
+
+def _adapters_rm(args: argparse.Namespace) -> int:
+    from serving.errors import ServingError
+
+    try:
+        removed = _open_registry(args).remove(args.adapter_id)
+    except ServingError as error:
+        print(error.message, file=sys.stderr)
+        return 1
+    for entry in removed:
+        print(f"removed {entry.id}")
+    return 0
+
+
+# --- serve --------------------------------------------------------------------------------
+
+
+def _add_server_flags(parser: argparse.ArgumentParser, default_port: int | None) -> None:
+    parser.add_argument("--base", default="gemma-3-270m", help="gemma-3-270m (default), tiny, or a local HF model directory")
+    _add_registry_flag(parser)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=default_port, help=f"default: {default_port or 'a free port'}")
+    parser.add_argument("--engine", choices=["torch"], default="torch", help="inference engine (default: torch, in-process)")
+    parser.add_argument("--profile", default="strict", help="servability profile adapters must pass: strict (default), lorax, vllm")
+    parser.add_argument(
+        "--admin-token",
+        default=os.environ.get("STILLHOUSE_ADMIN_TOKEN"),
+        help="bearer token for /admin/* and /v1/(un)load_lora_adapter (default: $STILLHOUSE_ADMIN_TOKEN; unset disables them)",
+    )
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before 429 overloaded")
+    parser.add_argument("--max-resident-adapters", type=int, default=8, help="adapters kept loaded at once (LRU)")
+    parser.add_argument("--default-max-new-tokens", type=int, default=256, help="used when a request leaves max_new_tokens unset")
+    parser.add_argument("--max-total-tokens", type=int, default=None, help="prompt + new tokens limit (default: the model's, at most 8192)")
+
+
+def _register_serve(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="serve the base model and registry adapters (LoRAX + OpenAI APIs)")
+    _add_server_flags(serve, default_port=8080)
+    serve.set_defaults(handler=_serve)
+
+
+def _register_demo(subparsers: argparse._SubParsersAction) -> None:
+    demo = subparsers.add_parser("demo", help="start the server on the base model and call it once per protocol")
+    _add_server_flags(demo, default_port=None)
+    demo.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from serving import demo
+
+    return demo.run(args)
+
+
+def build_service(args: argparse.Namespace):
+    """The engine, registry and settings for `stillhouse serve` (also used by the demo)."""
+    from serving import base_models
+    from serving.engines.torch_engine import TorchEngine
+    from serving.registry import Registry, default_registry_dir
+    from serving.server import ServerSettings, Service
+
+    base_dir = base_models.provision(args.base)
+    model_name = base_models.base_identity(base_dir).name
+    engine = TorchEngine(
+        base_dir,
+        model_name,
+        max_queue=args.max_queue,
+        max_resident_adapters=args.max_resident_adapters,
+        max_total_tokens=args.max_total_tokens,
+    )
+    settings = ServerSettings(
+        profile=args.profile, admin_token=args.admin_token, default_max_new_tokens=args.default_max_new_tokens
+    )
+    return Service(engine=engine, registry=Registry(args.registry or default_registry_dir()), base_dir=base_dir, settings=settings)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving.server import create_app
+
+    app = create_app(build_service(args))
+    print(f"serving on http://{args.host}:{args.port} (LoRAX: POST /, /generate; OpenAI: /v1/...)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,160 @@
+"""The LoRAX native wire format (``POST /``, ``/generate``, ``/generate_stream``).
+
+Field names, defaults and validation follow LoRAX's router (``router/src/lib.rs`` and
+``validation.rs``) as lorax-client 0.6.3 reads them. Responses emit the superset that both
+0.6.3 and newer clients accept (``skipped``, ``skipped_tokens``, non-null token logprobs).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serving.engines.base import GenerationResult, PrefillToken, SamplingParams, TokenInfo
+from serving.errors import ValidationError
+
+
+class MergedAdapters(BaseModel):
+    ids: list[str]
+    weights: list[float]
+    merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
+    density: float = 1.0
+    majority_sign_method: Literal["total", "frequency"] = "total"
+
+
+class GenerateParameters(BaseModel):
+    """LoRAX ``parameters``; unknown keys are refused so a misspelt parameter is not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_id: str | None = None
+    adapter_source: str | None = None
+    merged_adapters: MergedAdapters | None = None
+    api_token: str | None = None
+    best_of: int | None = Field(default=None, gt=0)
+    temperature: float | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    top_k: int | None = Field(default=None, gt=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    typical_p: float | None = Field(default=None, gt=0, lt=1)
+    do_sample: bool = False
+    max_new_tokens: int | None = Field(default=None, gt=0)
+    ignore_eos_token: bool = False
+    return_full_text: bool | None = False
+    stop: list[str] = Field(default_factory=list)
+    truncate: int | None = Field(default=None, gt=0)
+    watermark: bool = False
+    details: bool = True
+    decoder_input_details: bool = False
+    return_k_alternatives: int | None = None
+    apply_chat_template: bool = False
+    seed: int | None = Field(default=None, ge=0)
+    response_format: dict | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value):
+        return [] if value is None else value
+
+    @model_validator(mode="after")
+    def _supported(self) -> "GenerateParameters":
+        unsupported = {
+            "merged_adapters": (self.merged_adapters is not None, "register the merged adapter and name it in adapter_id"),
+            "best_of": (self.best_of not in (None, 1), "send best_of=1 or leave it out"),
+            "frequency_penalty": (bool(self.frequency_penalty), "use repetition_penalty"),
+            "presence_penalty": (bool(self.presence_penalty), "use repetition_penalty"),
+            "watermark": (self.watermark, "leave watermark false"),
+            "return_k_alternatives": (bool(self.return_k_alternatives), "leave it out"),
+            "response_format": (self.response_format is not None, "leave it out; constrain output with stop sequences"),
+            "adapter_source": (
+                self.adapter_source not in (None, "hub", "local"),
+                "adapters come from the server's registry: leave adapter_source out",
+            ),
+        }
+        problems = [f"`{name}` is not supported by this server; {fix}" for name, (bad, fix) in unsupported.items() if bad]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool = False
+
+    @field_validator("inputs")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value:
+            raise ValueError("`inputs` cannot be empty")
+        return value
+
+
+def sampling_params(parameters: GenerateParameters, max_new_tokens: int) -> SamplingParams:
+    """Engine parameters for a validated LoRAX request."""
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        do_sample=parameters.do_sample,
+        temperature=parameters.temperature,
+        top_k=parameters.top_k,
+        top_p=parameters.top_p,
+        typical_p=parameters.typical_p,
+        repetition_penalty=parameters.repetition_penalty,
+        seed=parameters.seed,
+        stop=tuple(parameters.stop),
+        ignore_eos_token=parameters.ignore_eos_token,
+        prefill_logprobs=parameters.decoder_input_details,
+    )
+
+
+def check_stop_count(parameters: GenerateParameters, max_stop_sequences: int) -> None:
+    if len(parameters.stop) > max_stop_sequences:
+        raise ValidationError(
+            f"`stop` supports up to {max_stop_sequences} stop sequences. Given: {len(parameters.stop)}"
+        )
+
+
+def token_json(token: TokenInfo) -> dict:
+    return {"id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special, "skipped": False}
+
+
+def prefill_json(token: PrefillToken) -> dict:
+    return {"id": token.id, "text": token.text, "logprob": token.logprob}
+
+
+def generate_response(result: GenerationResult, parameters: GenerateParameters, prompt: str) -> dict:
+    """A ``GenerateResponse`` body."""
+    text = prompt + result.generated_text if parameters.return_full_text else result.generated_text
+    body: dict = {"generated_text": text}
+    if parameters.details:
+        body["details"] = {
+            "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "generated_tokens": result.generated_tokens,
+            "skipped_tokens": 0,
+            "seed": result.seed,
+            "prefill": [prefill_json(t) for t in result.prefill],
+            "tokens": [token_json(t) for t in result.tokens],
+        }
+    return body
+
+
+def stream_event(token: TokenInfo, result: GenerationResult | None, parameters: GenerateParameters, prompt: str) -> dict:
+    """One ``StreamResponse``; the last one carries the full text and ``StreamDetails``."""
+    event: dict = {"token": token_json(token), "generated_text": None, "details": None}
+    if result is not None:
+        text = prompt + result.generated_text if parameters.return_full_text else result.generated_text
+        event["generated_text"] = text
+        if parameters.details:
+            event["details"] = {
+                "finish_reason": result.finish_reason,
+                "prompt_tokens": result.prompt_tokens,
+                "generated_tokens": result.generated_tokens,
+                "seed": result.seed,
+            }
+    return event

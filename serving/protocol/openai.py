@@ -1,0 +1,268 @@
+"""The OpenAI wire format (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``).
+
+``model`` names a registry adapter id, or the base model (its name or ``""``), as in LoRAX
+and vLLM. Defaults follow OpenAI: ``temperature`` 1 (sampling), ``top_p`` 1; completions
+default to 16 new tokens. Stop sequences are not part of the returned text.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serving.engines.base import GenerationResult, SamplingParams
+
+FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+
+
+class _Common(BaseModel):
+    """Fields both endpoints share; unknown keys are refused as OpenAI does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = ""
+    stream: bool = False
+    stream_options: dict | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict | None = None
+    user: str | None = None
+    # Extensions LoRAX and vLLM accept as well.
+    top_k: int | None = Field(default=None, gt=0)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    ignore_eos_token: bool = False
+
+    @model_validator(mode="after")
+    def _supported(self):
+        unsupported = {
+            "n": (self.n != 1, "send n=1 and repeat the request"),
+            "frequency_penalty": (bool(self.frequency_penalty), "use repetition_penalty"),
+            "presence_penalty": (bool(self.presence_penalty), "use repetition_penalty"),
+            "logit_bias": (bool(self.logit_bias), "leave it out"),
+            **self._unsupported_extra(),
+        }
+        problems = [f"`{name}` is not supported by this server; {fix}" for name, (bad, fix) in unsupported.items() if bad]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _unsupported_extra(self) -> dict:
+        return {}
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def include_usage_in_stream(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=self.stop_sequences(),
+            ignore_eos_token=self.ignore_eos_token,
+        )
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, gt=0)
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def _unsupported_extra(self) -> dict:
+        return {
+            "prompt": (
+                isinstance(self.prompt, list) and len(self.prompt) != 1,
+                "send one prompt string per request",
+            ),
+            "logprobs": (self.logprobs is not None, "leave it out; the LoRAX API returns per-token logprobs"),
+            "best_of": (self.best_of not in (None, 1), "leave it out"),
+            "suffix": (self.suffix is not None, "leave it out"),
+        }
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict]
+    name: str | None = None
+
+    def text(self) -> str:
+        """Content as plain text; a list of parts may hold only text parts."""
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("message content parts must be {'type': 'text', 'text': ...}; images are not supported")
+            texts.append(part["text"])
+        return "".join(texts)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+
+    def _unsupported_extra(self) -> dict:
+        return {
+            "logprobs": (self.logprobs or bool(self.top_logprobs), "leave it out; the LoRAX API returns per-token logprobs"),
+            "response_format": (
+                self.response_format not in (None, {"type": "text"}),
+                "leave it out; constrain output with stop sequences",
+            ),
+            "tools": (bool(self.tools), "leave it out"),
+            "tool_choice": (self.tool_choice not in (None, "none"), "leave it out"),
+        }
+
+    def message_dicts(self) -> list[dict]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def strip_stop(text: str, result: GenerationResult, stop: tuple[str, ...]) -> str:
+    """OpenAI cuts the text before the first stop sequence; LoRAX keeps it (and any rest of its last token)."""
+    if result.finish_reason != "stop_sequence":
+        return text
+    return text[: first_stop_index(text, stop)]
+
+
+def first_stop_index(text: str, stop: tuple[str, ...]) -> int:
+    """Where the earliest stop sequence starts in ``text`` (``len(text)`` if none does)."""
+    found = [text.find(sequence) for sequence in stop if sequence and sequence in text]
+    return min(found, default=len(text))
+
+
+def usage(result: GenerationResult) -> dict:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.generated_tokens,
+        "total_tokens": result.prompt_tokens + result.generated_tokens,
+    }
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def completion_response(request_id: str, model: str, text: str, result: GenerationResult) -> dict:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": FINISH_REASONS[result.finish_reason]}],
+        "usage": usage(result),
+    }
+
+
+def completion_chunk(request_id: str, model: str, text: str, finish_reason: str | None) -> dict:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def chat_response(request_id: str, model: str, text: str, result: GenerationResult) -> dict:
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": FINISH_REASONS[result.finish_reason],
+            }
+        ],
+        "usage": usage(result),
+    }
+
+
+def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None) -> dict:
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def usage_chunk(request_id: str, model: str, object_name: str, result: GenerationResult) -> dict:
+    return {
+        "id": request_id,
+        "object": object_name,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage(result),
+    }
+
+
+class StopTextStream:
+    """Streams text while holding back any tail that could still become a stop sequence.
+
+    OpenAI clients never see the stop sequence, so a streamed chunk must not contain the
+    start of one until it is clear that the sequence does not complete.
+    """
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = stop
+        self.text = ""
+        self.emitted = 0
+
+    def push(self, piece: str) -> str:
+        """Add generated text; return what is now safe to send."""
+        self.text += piece
+        safe = min(len(self.text) - self._held_back(), first_stop_index(self.text, self.stop))
+        chunk = self.text[self.emitted : safe]
+        self.emitted = max(self.emitted, safe)
+        return chunk
+
+    def finish(self, final_text: str) -> str:
+        """The rest of ``final_text`` (stop sequence already removed) not sent yet."""
+        return final_text[self.emitted :]
+
+    def _held_back(self) -> int:
+        longest = 0
+        for sequence in self.stop:
+            for size in range(min(len(sequence), len(self.text)), 0, -1):
+                if self.text.endswith(sequence[:size]):
+                    longest = max(longest, size)
+                    break
+        return longest
