@@ -38,8 +38,6 @@ class ResidentAdapters:
         self._users: Counter[str] = Counter()
         self._unload_when_idle: set[str] = set()
         self._name_counter = itertools.count()
-        #: seconds each resident adapter took to load
-        self.load_seconds: dict[str, float] = {}
         #: ids of the resident adapters, as an immutable snapshot any thread may read
         self.ids: tuple[str, ...] = ()
 
@@ -72,7 +70,6 @@ class ResidentAdapters:
         self._peft.eval()  # LoRA dropout must be off
         seconds = time.perf_counter() - start
         self._names[adapter.adapter_id] = name
-        self.load_seconds[adapter.adapter_id] = seconds
         self._publish()
         log.info("loaded adapter %s in %.3f s", adapter.adapter_id, seconds)
         return seconds
@@ -115,7 +112,6 @@ class ResidentAdapters:
     def _drop(self, adapter_id: str) -> None:
         name = self._names.pop(adapter_id)
         self._unload_when_idle.discard(adapter_id)
-        self.load_seconds.pop(adapter_id, None)
         if self._names:
             self._peft.delete_adapter(name)
         else:

@@ -353,6 +353,17 @@ def test_unload_and_reload(tiny_base_dir, adapters, references):
         assert await engine.unload_adapter(alpha.adapter_id)
         assert engine.resident_adapters() == []
         assert not await engine.unload_adapter(alpha.adapter_id)
+
+        # an adapter in use disappears from the list at once and is dropped when its request ends
+        long = SamplingParams(max_new_tokens=2000)
+        running = engine.generate(GenerationRequest(engine.tokenize(PROMPTS[1]), long, alpha))
+        await running.__anext__()
+        assert await engine.unload_adapter(alpha.adapter_id)
+        assert engine.resident_adapters() == []
+        assert isinstance(await running.__anext__(), TokenEvent)
+        await running.aclose()
+        await wait_until(lambda: engine.queue_depth() == 0)
+
         base_tokens, _ = await collect(engine, engine.tokenize(PROMPTS[0]), GREEDY)
         assert [t.id for t in base_tokens] == references[None, PROMPTS[0]]
         tokens, _ = await collect(engine, engine.tokenize(PROMPTS[0]), GREEDY, alpha)  # loads on demand
