@@ -14,6 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_adapters(subparsers)
     _register_serve(subparsers)
     _register_demo(subparsers)
+    _register_engines(subparsers)
 
 
 # --- models -------------------------------------------------------------------------------
@@ -164,7 +165,11 @@ def _add_server_flags(parser: argparse.ArgumentParser, default_port: int | None)
     _add_registry_flag(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=default_port, help=f"default: {default_port or 'a free port'}")
-    parser.add_argument("--engine", choices=["torch"], default="torch", help="inference engine (default: torch, in-process)")
+    parser.add_argument(
+        "--engine", choices=["torch", "vllm"], default="torch",
+        help="inference engine: torch (default, in-process) or vllm (a vLLM server from .venv-vllm, our child)",
+    )  # fmt: skip
+    parser.add_argument("--engine-url", default=None, help="with --engine vllm: attach to this running vLLM server instead of launching one")
     parser.add_argument("--profile", default="strict", help="servability profile adapters must pass: strict (default), lorax, vllm")
     parser.add_argument(
         "--admin-token",
@@ -180,6 +185,7 @@ def _add_server_flags(parser: argparse.ArgumentParser, default_port: int | None)
 def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="serve the base model and registry adapters (LoRAX + OpenAI APIs)")
     _add_server_flags(serve, default_port=8080)
+    serve.add_argument("--request-log", type=Path, default=None, help="SQLite file recording every exchange (the training data source)")
     serve.set_defaults(handler=_serve)
 
 
@@ -204,17 +210,38 @@ def build_service(args: argparse.Namespace):
 
     base_dir = base_models.provision(args.base)
     model_name = base_models.base_identity(base_dir).name
-    engine = TorchEngine(
-        base_dir,
-        model_name,
-        max_queue=args.max_queue,
-        max_resident_adapters=args.max_resident_adapters,
-        max_total_tokens=args.max_total_tokens,
-    )
+    registry = Registry(args.registry or default_registry_dir())
+    if getattr(args, "engine", "torch") == "vllm":
+        engine = _vllm_engine(args, base_dir, model_name, registry)
+    else:
+        engine = TorchEngine(
+            base_dir,
+            model_name,
+            max_queue=args.max_queue,
+            max_resident_adapters=args.max_resident_adapters,
+            max_total_tokens=args.max_total_tokens,
+        )
     settings = ServerSettings(
         profile=args.profile, admin_token=args.admin_token, default_max_new_tokens=args.default_max_new_tokens
     )
-    return Service(engine=engine, registry=Registry(args.registry or default_registry_dir()), base_dir=base_dir, settings=settings)
+    return Service(engine=engine, registry=registry, base_dir=base_dir, settings=settings)
+
+
+def _vllm_engine(args: argparse.Namespace, base_dir: Path, model_name: str, registry):
+    """A vLLM engine whose --max-lora-rank covers the registry's adapters within the profile."""
+    from serving import servability
+    from serving.engines.vllm_engine import VllmEngine, max_lora_rank_for
+
+    ranks = [int(e.metadata["rank"]) for e in registry.list() if e.metadata.get("rank")]
+    return VllmEngine(
+        base_dir,
+        model_name,
+        url=args.engine_url,
+        max_queue=args.max_queue,
+        max_resident_adapters=args.max_resident_adapters,
+        max_total_tokens=args.max_total_tokens,
+        max_lora_rank=max_lora_rank_for(ranks, servability.get_profile(args.profile).ranks),
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -222,7 +249,32 @@ def _serve(args: argparse.Namespace) -> int:
 
     from serving.server import create_app
 
-    app = create_app(build_service(args))
+    service = build_service(args)
+    service.settings.request_log = args.request_log
+    app = create_app(service)
     print(f"serving on http://{args.host}:{args.port} (LoRAX: POST /, /generate; OpenAI: /v1/...)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+# --- engines ------------------------------------------------------------------------------
+
+
+def _register_engines(subparsers: argparse._SubParsersAction) -> None:
+    engines = subparsers.add_parser("engines", help="install optional inference engines")
+    sub = engines.add_subparsers(dest="engines_command", metavar="ACTION", required=True)
+    install = sub.add_parser("install", help="create the engine's own venv (vllm: .venv-vllm, pinned; skipped when healthy)")
+    install.add_argument("engine", choices=["vllm"])
+    install.add_argument("--force", action="store_true", help="reinstall even when the venv is healthy")
+    install.set_defaults(handler=_engines_install)
+
+
+def _engines_install(args: argparse.Namespace) -> int:
+    from serving.engines import vllm_install
+
+    try:
+        vllm_install.install(force=args.force)
+    except RuntimeError as error:
+        print(f"install failed: {error}", file=sys.stderr)
+        return 1
     return 0

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict
 
-from monitoring.metrics import BASE_ADAPTER_LABEL, ServerMetrics
+from monitoring.metrics import BASE_ADAPTER_LABEL, RequestLogMetrics, ServerMetrics
 from serving import servability
 from serving.engines.base import AdapterRef, Engine, GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 from serving.errors import (
@@ -38,6 +38,7 @@ from serving.errors import (
 )
 from serving.protocol import lorax, openai
 from serving.registry import Registry
+from serving.request_log import Exchange, RequestLog, new_request_id
 
 UNKNOWN_ADAPTER_LABEL = "__unknown__"  # requests refused before their adapter was known
 
@@ -58,6 +59,7 @@ class ServerSettings:
     default_max_new_tokens: int = 256  # LoRAX uses all remaining context; on CPU that is minutes
     max_stop_sequences: int = 4
     max_input_length: int | None = None  # default: max_total_tokens - 1
+    request_log: Path | None = None  # SQLite file recording every exchange
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Service:
     base_dir: Path
     settings: ServerSettings
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    request_log: RequestLog | None = None
     _servable: set[str] = field(default_factory=set)
     _loading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -204,6 +207,38 @@ class Service:
             raise IncompleteGenerationError("generation ended without a result")
         return result
 
+    def log_exchange(
+        self,
+        request: Request,
+        protocol: str,
+        prompt: str,
+        parameters: BaseModel,
+        prepared: Prepared | None,
+        result: GenerationResult | None,
+        output: str | None,
+        error: ServingError | None = None,
+    ) -> None:
+        """Queue one exchange for the request log (a no-op without ``--request-log``)."""
+        if self.request_log is None:
+            return
+        started = prepared.started if prepared else request.state.arrived
+        self.request_log.record(
+            Exchange(
+                request_id=request.state.request_id,
+                prompt=prompt,
+                protocol=protocol,
+                adapter=prepared.adapter_label if prepared else None,
+                output=output,
+                parameters=parameters.model_dump(exclude_none=True, exclude={"api_token", "prompt", "messages"}),
+                prompt_tokens=result.prompt_tokens if result else None,
+                generated_tokens=result.generated_tokens if result else None,
+                latency_ms=(time.perf_counter() - started) * 1000,
+                ttft_ms=result.time_to_first_token_s * 1000 if result else None,
+                status=error.status_code if error else 200,
+                outcome=outcome_for(error) if error else ("success" if result else "cancelled"),
+            )
+        )
+
     # --- admin -----------------------------------------------------------------------
 
     def check_admin(self, request: Request) -> None:
@@ -247,6 +282,34 @@ def timing_headers(prepared: Prepared, result: GenerationResult, model_name: str
     }
 
 
+GENERATION_PATHS = {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"}
+_REQUEST_ID_CHARS = set("0123456789abcdefABCDEF-")
+
+
+class RequestIdMiddleware:
+    """Give every generation request an id (the caller's ``x-request-id`` when sane) and echo it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in GENERATION_PATHS:
+            return await self.app(scope, receive, send)
+        sent = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        # Only short hex ids are trusted, so a client cannot inject text into logs.
+        request_id = sent if 0 < len(sent) <= 64 and set(sent) <= _REQUEST_ID_CHARS else new_request_id()
+        scope.setdefault("state", {})
+        scope["state"]["request_id"] = request_id
+        scope["state"]["arrived"] = time.perf_counter()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 def sse(payload: dict | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n".encode()
@@ -282,6 +345,9 @@ def create_app(service: Service) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if service.settings.request_log and service.request_log is None:
+            dropped = RequestLogMetrics(service.metrics.registry).dropped_rows.labels("server")
+            service.request_log = RequestLog.open(service.settings.request_log, on_drop=dropped.inc)
         await engine.start()
         app.state.ready = True
         try:
@@ -289,9 +355,12 @@ def create_app(service: Service) -> FastAPI:
         finally:
             app.state.ready = False
             await engine.stop()
+            if service.request_log is not None:
+                service.request_log.close()  # flushes every accepted row
 
     app = FastAPI(title="Stillhouse inference server", lifespan=lifespan)
     app.state.ready = False
+    app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(ServingError)
     async def _serving_error(request: Request, error: ServingError):
@@ -351,22 +420,35 @@ def create_app(service: Service) -> FastAPI:
             body.inputs, parameters.adapter_id, params, parameters.max_new_tokens, parameters.truncate
         )
 
-    async def lorax_generate(body: lorax.GenerateRequest, as_list: bool):
-        prepared = await lorax_prepare(body)
-        result = await service.complete(prepared)
+    async def lorax_generate(body: lorax.GenerateRequest, request: Request, as_list: bool):
+        prepared = None
+        try:
+            prepared = await lorax_prepare(body)
+            result = await service.complete(prepared)
+        except ServingError as error:
+            service.log_exchange(request, "lorax", body.inputs, body.parameters, prepared, None, None, error)
+            raise
+        service.log_exchange(request, "lorax", body.inputs, body.parameters, prepared, result, result.generated_text)
         payload = lorax.generate_response(result, body.parameters, body.inputs)
         return JSONResponse([payload] if as_list else payload, headers=timing_headers(prepared, result, engine.model_name))
 
-    async def lorax_stream(body: lorax.GenerateRequest):
-        prepared = await lorax_prepare(body)
-        first, events = await _first_event(service.stream(prepared))
+    async def lorax_stream(body: lorax.GenerateRequest, request: Request):
+        prepared = None
+        try:
+            prepared = await lorax_prepare(body)
+            first, events = await _first_event(service.stream(prepared))
+        except ServingError as error:
+            service.log_exchange(request, "lorax", body.inputs, body.parameters, prepared, None, None, error)
+            raise
 
         async def body_iter():
             # The last token travels with the final text, so each token waits for the next event.
             pending = first
+            result = failure = None
             try:
                 async for event in events:
                     if isinstance(event, GenerationResult):
+                        result = event
                         if isinstance(pending, TokenEvent):
                             yield sse(lorax.stream_event(pending.token, event, body.parameters, body.inputs))
                         pending = None
@@ -375,26 +457,29 @@ def create_app(service: Service) -> FastAPI:
                         yield sse(lorax.stream_event(pending.token, None, body.parameters, body.inputs))
                     pending = event
             except ServingError as error:
+                failure = error
                 yield sse(error_body(error))
             finally:
                 await events.aclose()
+                output = result.generated_text if result else None
+                service.log_exchange(request, "lorax", body.inputs, body.parameters, prepared, result, output, failure)
 
         headers = {"x-model-id": engine.model_name, "x-adapter-id": prepared.adapter_id, "x-prompt-tokens": str(len(prepared.request.prompt_ids))}
         return StreamingResponse(body_iter(), media_type="text/event-stream", headers=headers)
 
     @app.post("/")
-    async def compat_generate(body: lorax.GenerateRequest):
+    async def compat_generate(body: lorax.GenerateRequest, request: Request):
         if body.stream:
-            return await lorax_stream(body)
-        return await lorax_generate(body, as_list=True)
+            return await lorax_stream(body, request)
+        return await lorax_generate(body, request, as_list=True)
 
     @app.post("/generate")
-    async def generate(body: lorax.GenerateRequest):
-        return await lorax_generate(body, as_list=False)
+    async def generate(body: lorax.GenerateRequest, request: Request):
+        return await lorax_generate(body, request, as_list=False)
 
     @app.post("/generate_stream")
-    async def generate_stream(body: lorax.GenerateRequest):
-        return await lorax_stream(body)
+    async def generate_stream(body: lorax.GenerateRequest, request: Request):
+        return await lorax_stream(body, request)
 
     # --- OpenAI ------------------------------------------------------------------------
 
@@ -413,22 +498,30 @@ def create_app(service: Service) -> FastAPI:
     async def list_models():
         return {"object": "list", "data": model_entries()}
 
-    async def openai_answer(body: openai._Common, prompt: str, max_tokens: int | None, chat: bool):
-        prepared = await service.prepare(prompt, body.model, body.sampling_params(1), max_tokens)
+    async def openai_answer(body: openai._Common, request: Request, prompt: str, max_tokens: int | None, chat: bool):
+        protocol = "openai_chat" if chat else "openai_completions"
+        prepared = None
+        try:
+            prepared = await service.prepare(prompt, body.model, body.sampling_params(1), max_tokens)
+            if not body.stream:
+                result = await service.complete(prepared)
+            else:
+                first, events = await _first_event(service.stream(prepared))
+        except ServingError as error:
+            service.log_exchange(request, protocol, prompt, body, prepared, None, None, error)
+            raise
         request_id = openai.new_id("chatcmpl" if chat else "cmpl")
         model = body.model or engine.model_name
         stop = body.stop_sequences()
         if not body.stream:
-            result = await service.complete(prepared)
             text = openai.strip_stop(result.generated_text, result, stop)
+            service.log_exchange(request, protocol, prompt, body, prepared, result, text)
             if chat:
                 payload = openai.chat_response(request_id, model, text, result)
             else:
                 echo = prompt if getattr(body, "echo", False) else ""
                 payload = openai.completion_response(request_id, model, echo + text, result)
             return JSONResponse(payload, headers=timing_headers(prepared, result, engine.model_name))
-
-        first, events = await _first_event(service.stream(prepared))
 
         def chunk(text: str | None, finish: str | None, role: bool = False) -> bytes:
             if chat:
@@ -438,6 +531,7 @@ def create_app(service: Service) -> FastAPI:
 
         async def body_iter():
             held = openai.StopTextStream(stop)
+            result = failure = None
             try:
                 if chat:
                     yield chunk(None, None, role=True)
@@ -446,6 +540,7 @@ def create_app(service: Service) -> FastAPI:
                 event = first
                 while True:
                     if isinstance(event, GenerationResult):
+                        result = event
                         rest = held.finish(openai.strip_stop(event.generated_text, event, stop))
                         if rest:
                             yield chunk(rest, None)
@@ -460,24 +555,27 @@ def create_app(service: Service) -> FastAPI:
                     event = await events.__anext__()
                 yield sse("[DONE]")
             except ServingError as error:
+                failure = error
                 yield sse(error_body(error))
             finally:
                 await events.aclose()
+                output = openai.strip_stop(result.generated_text, result, stop) if result else None
+                service.log_exchange(request, protocol, prompt, body, prepared, result, output, failure)
 
         headers = {"x-model-id": engine.model_name, "x-adapter-id": prepared.adapter_id}
         return StreamingResponse(body_iter(), media_type="text/event-stream", headers=headers)
 
     @app.post("/v1/completions")
-    async def completions(body: openai.CompletionRequest):
-        return await openai_answer(body, body.prompt_text(), body.max_tokens, chat=False)
+    async def completions(body: openai.CompletionRequest, request: Request):
+        return await openai_answer(body, request, body.prompt_text(), body.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: openai.ChatCompletionRequest):
+    async def chat_completions(body: openai.ChatCompletionRequest, request: Request):
         try:
             prompt = engine.apply_chat_template(body.message_dicts())
         except ValueError as error:
             raise ValidationError(f"messages: {error}") from error
-        return await openai_answer(body, prompt, body.requested_max_tokens(), chat=True)
+        return await openai_answer(body, request, prompt, body.requested_max_tokens(), chat=True)
 
     # --- admin -------------------------------------------------------------------------
 

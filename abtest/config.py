@@ -1,0 +1,263 @@
+"""The traffic-split file: which arms serve each route, with what weight, template and fallback.
+
+```yaml
+version: 1
+salt: "exp-2026-11"                # changing it reshuffles every unit
+sticky: {header: X-User-Id}        # or {body_field: user}, or {per_request: true}
+default_upstream: http://127.0.0.1:8080   # where adapter ids that name no route go
+routes:
+  sentiment:                       # clients call adapter_id / model = "sentiment"
+    mode: template                 # template: arms render their prompt from the input; passthrough: as sent
+    input: text                    # the client's prompt fills {{text}}
+    metrics: {correct: {type: boolean, goal: maximize}}
+    arms:
+      teacher: {role: control, upstream: http://127.0.0.1:8080, adapter: null, template: "...{{text}}...", weight: 50, fallback: true}
+      student-v1: {role: candidate, upstream: http://127.0.0.1:8080, adapter: s@v1, template: "{{text}}", weight: 50, timeout_s: 10}
+    shadow: [{arm: student-v2, fraction: 0.1, compare: exact}]   # a weight-0 arm, mirrored only
+```
+
+``load`` reports every problem at once, each with its field path and a fix; unknown keys are
+refused. ``TrafficConfig.version_hash`` is a hash of the canonical content, stamped on log rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Sticky(_Strict):
+    """What identifies a unit (the thing that always gets the same arm)."""
+
+    header: str | None = None
+    body_field: str | None = None
+    per_request: bool = False
+
+
+class MetricSpec(_Strict):
+    """A feedback metric a route accepts: boolean (0/1) or float, and which way is better."""
+
+    type: Literal["boolean", "float"]
+    goal: Literal["maximize", "minimize"] = "maximize"
+
+
+class Arm(_Strict):
+    """One way to answer a route: an upstream server, an adapter on it, a prompt template."""
+
+    role: Literal["control", "candidate"]
+    upstream: str
+    adapter: str | None = None  # None: the upstream's base model
+    template: str | None = None
+    weight: float = Field(default=0, ge=0)
+    fallback: bool = False
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class Shadow(_Strict):
+    """Mirror a fraction of a route's requests to an arm in the background, never served."""
+
+    arm: str
+    fraction: float = Field(gt=0, le=1)
+    compare: Literal["exact"] = "exact"
+
+
+class Route(_Strict):
+    """A name clients use as adapter_id / model, split between arms."""
+
+    mode: Literal["template", "passthrough"] = "passthrough"
+    input: str = "text"
+    metrics: dict[str, MetricSpec] = Field(default_factory=dict)
+    arms: dict[str, Arm]
+    shadow: list[Shadow] = Field(default_factory=list)
+
+    def placeholder(self) -> str:
+        return "{{" + self.input + "}}"
+
+    def render(self, arm: Arm, prompt: str) -> str:
+        """The prompt an arm receives: its template with the client's prompt filled in."""
+        if self.mode == "passthrough" or arm.template is None:
+            return prompt
+        return arm.template.replace(self.placeholder(), prompt)
+
+    def weights(self) -> dict[str, float]:
+        return {name: arm.weight for name, arm in self.arms.items()}
+
+    def fallback_arm(self) -> str | None:
+        return next((name for name, arm in self.arms.items() if arm.fallback), None)
+
+
+class TrafficConfig(_Strict):
+    """The whole traffic-split file."""
+
+    version: Literal[1]
+    salt: str = Field(min_length=1)
+    sticky: Sticky = Field(default_factory=lambda: Sticky(per_request=True))
+    default_upstream: str | None = None
+    routes: dict[str, Route] = Field(default_factory=dict)
+
+    @cached_property  # configs are never mutated: with_weights and reloads build new ones
+    def version_hash(self) -> str:
+        """12 hex characters of sha256 over the canonical JSON: equal content, equal version."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def template_version(template: str | None) -> str | None:
+    """8 hex characters naming a template's text, stamped on log rows."""
+    return hashlib.sha256(template.encode()).hexdigest()[:8] if template is not None else None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config file: where, what, and how to fix it."""
+
+    path: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}; fix: {self.fix}"
+
+
+class ConfigError(Exception):
+    """A traffic-split file that cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the traffic-split config:\n{lines}")
+
+
+_FIXES = {
+    "extra_forbidden": "remove it or correct its spelling (see abtest/config.py for the keys)",
+    "missing": "add it",
+    "literal_error": "use one of the values listed",
+    "greater_than_equal": "raise it",
+    "greater_than": "raise it",
+    "less_than_equal": "lower it",
+    "string_too_short": "set a non-empty value",
+}
+
+
+def _schema_problems(error: PydanticValidationError) -> list[Problem]:
+    problems = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        fix = _FIXES.get(item["type"], "give it the documented type")
+        problems.append(Problem(path, item["msg"], fix))
+    return problems
+
+
+def _as_dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _semantic_problems(raw: dict) -> list[Problem]:
+    """Cross-field rules, checked on the raw mapping so they are reported next to schema errors."""
+    problems = []
+    sticky = raw.get("sticky")
+    if isinstance(sticky, dict):
+        chosen = [k for k in ("header", "body_field") if sticky.get(k)] + (["per_request"] if sticky.get("per_request") else [])
+        if len(chosen) != 1:
+            problems.append(Problem("sticky", f"exactly one of header, body_field, per_request must be set (got {chosen or 'none'})",
+                                    "e.g. `sticky: {header: X-User-Id}` or `sticky: {per_request: true}`"))
+    for route_name, route in _as_dict(raw.get("routes")).items():
+        route = _as_dict(route)
+        where = f"routes.{route_name}"
+        arms = {name: _as_dict(arm) for name, arm in _as_dict(route.get("arms")).items()}
+        if "arms" in route and not arms:
+            problems.append(Problem(f"{where}.arms", "a route needs at least one arm", "add a control arm"))
+            continue
+        controls = [n for n, a in arms.items() if a.get("role") == "control"]
+        if arms and len(controls) != 1:
+            problems.append(Problem(f"{where}.arms", f"exactly one arm must have role: control (got {controls or 'none'})",
+                                    "mark the arm that serves today as `role: control`"))
+        fallbacks = [n for n, a in arms.items() if a.get("fallback")]
+        if len(fallbacks) > 1:
+            problems.append(Problem(f"{where}.arms", f"at most one arm may be the fallback (got {fallbacks})", "keep `fallback: true` on one arm"))
+        weights = [a.get("weight", 0) for a in arms.values()]
+        if arms and all(isinstance(w, (int, float)) for w in weights) and sum(weights) <= 0:
+            problems.append(Problem(f"{where}.arms", "the weights add up to 0, so no arm can be chosen", "give at least one arm a positive weight"))
+        mode = route.get("mode", "passthrough")
+        placeholder = "{{" + str(route.get("input", "text")) + "}}"
+        for name, arm in arms.items():
+            template = arm.get("template")
+            if mode == "template" and (not isinstance(template, str) or placeholder not in template):
+                problems.append(Problem(f"{where}.arms.{name}.template", f"template mode needs a template containing {placeholder}",
+                                        f"add `template: \"...{placeholder}...\"`"))
+            if mode == "passthrough" and template is not None:
+                problems.append(Problem(f"{where}.arms.{name}.template", "passthrough routes send the prompt as is, so a template would be ignored",
+                                        "remove it, or set `mode: template`"))
+            upstream = arm.get("upstream")
+            if isinstance(upstream, str) and not upstream.startswith(("http://", "https://")):
+                problems.append(Problem(f"{where}.arms.{name}.upstream", f"{upstream!r} is not an http(s) URL", "write it as http://HOST:PORT"))
+        for index, shadow in enumerate(route.get("shadow") or []):
+            arm_name = _as_dict(shadow).get("arm")
+            if arm_name is not None and arm_name not in arms:
+                problems.append(Problem(f"{where}.shadow.{index}.arm", f"{arm_name!r} is not an arm of this route",
+                                        f"define it under {where}.arms (weight 0 to only mirror traffic to it)"))
+        for name, metric in _as_dict(route.get("metrics")).items():
+            if not str(name).replace("_", "").isalnum():
+                problems.append(Problem(f"{where}.metrics.{name}", "metric names become Prometheus label values and API keys",
+                                        "use letters, digits and underscores"))
+    default = raw.get("default_upstream")
+    if isinstance(default, str) and not default.startswith(("http://", "https://")):
+        problems.append(Problem("default_upstream", f"{default!r} is not an http(s) URL", "write it as http://HOST:PORT"))
+    return problems
+
+
+def parse(raw: object, source: str = "config") -> TrafficConfig:
+    """Validate a mapping; raise ``ConfigError`` listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [Problem("(top level)", "the file is not a mapping", "start from abtest/examples/traffic.yaml")])
+    problems = []
+    config = None
+    try:
+        config = TrafficConfig.model_validate(raw)
+    except PydanticValidationError as error:
+        problems += _schema_problems(error)
+    problems += _semantic_problems(raw)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def load(path: str | Path) -> TrafficConfig:
+    """Read and validate a traffic-split YAML file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(str(path), [Problem("(file)", str(error).replace("\n", " "), "fix the YAML syntax or the path")]) from error
+    return parse(raw, str(path))
+
+
+def with_weights(config: TrafficConfig, route: str, weights: dict[str, float]) -> TrafficConfig:
+    """A copy of ``config`` with new weights for some arms of one route (validated like a file)."""
+    raw = config.model_dump(mode="json")
+    if route not in raw["routes"]:
+        raise ConfigError("weights", [Problem("route", f"{route!r} is not a route", f"use one of {sorted(raw['routes'])}")])
+    problems = []
+    for arm, weight in weights.items():
+        if arm not in raw["routes"][route]["arms"]:
+            problems.append(Problem(f"weights.{arm}", "not an arm of this route", f"use one of {sorted(raw['routes'][route]['arms'])}"))
+        elif not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            problems.append(Problem(f"weights.{arm}", f"{weight!r} is not a non-negative number", "send a number >= 0"))
+        else:
+            raw["routes"][route]["arms"][arm]["weight"] = weight
+    if problems:
+        raise ConfigError("weights", problems)
+    return parse(raw, "weights")

@@ -1,0 +1,577 @@
+"""The A/B router: one endpoint speaking LoRAX and OpenAI that splits each route between arms.
+
+A call whose ``adapter_id`` / ``model`` names a route is assigned an arm (sticky hash, see
+``assignment``), rewritten for that arm (adapter, rendered template; see ``protocol``) and
+proxied to the arm's upstream; streams are relayed as they arrive. When the upstream times out,
+refuses the connection or answers 5xx before the first byte, the route's fallback arm answers
+instead. Ids that name no route pass straight through to ``default_upstream``.
+
+Every exchange goes to the request log and to per route x arm metrics; shadow arms get a copy in
+the background; ``POST /feedback`` scores an exchange. The config file is re-read when it changes
+(a bad file is refused and the old one kept). Every refusal is a ``RouterError``, answered as
+``{"error", "error_type"}`` by one handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import random
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from abtest import config as traffic
+from abtest.assignment import assign
+from abtest.circuit_breaker import CircuitBreaker
+from abtest.protocol import GENERATION_PATHS, Answer, BadCall, Call, StreamAnswer, answer_from_json, for_arm, parse_call
+from monitoring.metrics import DEFAULT_ARM_LABEL, PASSTHROUGH_ROUTE_LABEL, RouterMetrics
+from serving.request_log import Exchange, Feedback, RequestLog, hash_unit, new_request_id
+
+log = logging.getLogger("stillhouse.router")
+
+PIN_HEADER = "x-stillhouse-arm"  # debugging: pin a request to an arm of its route
+# Upstream headers not relayed: hop-by-hop ones, and those the router sets itself.
+_DROPPED_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server", "x-request-id"}
+
+
+class RouterError(Exception):
+    """A request the router refuses or cannot answer, with LoRAX's error shape."""
+
+    def __init__(self, status_code: int, error_type: str, message: str):
+        super().__init__(message)
+        self.status_code = status_code
+        self.error_type = error_type
+        self.message = message
+
+
+class UpstreamFailure(Exception):
+    """An arm's upstream failed before answering; ``reason`` is a metric label."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class RouterSettings:
+    """How the router behaves; `stillhouse route` sets the first six from its flags."""
+
+    config_path: Path
+    admin_token: str | None = None
+    api_keys: frozenset[str] = frozenset()  # empty: no client key needed
+    request_log: Path | None = None
+    max_body_bytes: int = 1 << 20
+    reload_interval_s: float = 1.0
+    max_connections: int = 512
+    breaker_threshold: int = 3
+    breaker_open_s: float = 10.0
+    max_shadow_in_flight: int = 64
+    remembered_requests: int = 100_000  # request id -> arm, for feedback without a log lookup
+    passthrough_timeout_s: float = 300.0  # ids that name no route have no arm, hence no arm timeout
+
+
+@dataclass
+class Target:
+    """Where one attempt goes, with the labels it is counted under."""
+
+    route: str
+    arm: str
+    upstream: str
+    adapter: str | None
+    path: str
+    body: dict
+    timeout_s: float
+    template_version: str | None = None
+
+
+@dataclass
+class RoutedCall:
+    """What the router knows about one client call while answering it."""
+
+    request_id: str
+    call: Call
+    config: traffic.TrafficConfig
+    route: str
+    unit_hash: str | None
+    started: float = field(default_factory=time.perf_counter)
+    fallback_from: str | None = None
+
+
+class ConfigHolder:
+    """The current traffic-split config, swapped atomically on a good reload."""
+
+    def __init__(self, path: Path, metrics: RouterMetrics):
+        self.path = path
+        self.metrics = metrics
+        self.config = traffic.load(path)
+        self._seen = self._stamp()
+        metrics.set_config_version(self.config.version_hash)
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def replace(self, config: traffic.TrafficConfig) -> None:
+        self.config = config
+        self.metrics.set_config_version(config.version_hash)
+
+    def poll(self) -> bool:
+        """Reload when the file changed; True when a new config was taken."""
+        stamp = self._stamp()
+        if stamp == self._seen:
+            return False
+        self._seen = stamp
+        try:
+            config = traffic.load(self.path)
+        except traffic.ConfigError as error:
+            self.metrics.config_reload_errors.inc()
+            log.error("traffic-split reload refused, keeping version %s: %s", self.config.version_hash, error)
+            return False
+        self.replace(config)
+        log.info("traffic-split reloaded: version %s", config.version_hash)
+        return True
+
+
+class Router:
+    """The router's state and the proxying logic the handlers call."""
+
+    def __init__(self, settings: RouterSettings, metrics: RouterMetrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or RouterMetrics()
+        self.holder = ConfigHolder(settings.config_path, self.metrics)
+        self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_open_s)
+        self.request_log: RequestLog | None = None
+        self.client: aiohttp.ClientSession | None = None
+        self._arms: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._shadows: set[asyncio.Task] = set()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        # aiohttp rather than httpx: measured at a quarter of httpx's CPU per proxied request.
+        connector = aiohttp.TCPConnector(limit=self.settings.max_connections)
+        self.client = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        if self.settings.request_log:
+            dropped = self.metrics.request_log.dropped_rows.labels("router")
+            self.request_log = RequestLog.open(self.settings.request_log, on_drop=dropped.inc)
+
+    async def stop(self) -> None:
+        for task in list(self._shadows):
+            task.cancel()
+        await asyncio.gather(*self._shadows, return_exceptions=True)
+        await self.client.close()
+        if self.request_log is not None:
+            self.request_log.close()  # flushes every accepted row
+
+    async def watch_config(self) -> None:
+        """Poll the config file's mtime and size; runs until cancelled."""
+        while True:
+            await asyncio.sleep(self.settings.reload_interval_s)
+            self.holder.poll()
+
+    # --- checks ---------------------------------------------------------------------------
+
+    def check_admin(self, request: Request) -> None:
+        """401 without a bearer token, 403 with a wrong one or when no admin token is set."""
+        if not self.settings.admin_token:
+            raise RouterError(403, "forbidden", "the admin API is disabled; start the router with --admin-token TOKEN")
+        token = _bearer(request)
+        if token is None:
+            raise RouterError(401, "unauthorized", "send the admin token as `Authorization: Bearer TOKEN`")
+        if not hmac.compare_digest(token.encode(), self.settings.admin_token.encode()):
+            raise RouterError(403, "forbidden", "wrong admin token")
+
+    def check_client(self, request: Request) -> None:
+        """When client API keys are configured, every call must carry one."""
+        if not self.settings.api_keys:
+            return
+        token = _bearer(request)
+        if token is None or not any(hmac.compare_digest(token.encode(), key.encode()) for key in self.settings.api_keys):
+            raise RouterError(401, "unauthorized", "send a valid API key as `Authorization: Bearer KEY`")
+
+    async def read_body(self, request: Request) -> object:
+        """The JSON body, refusing bodies over the size limit before reading them whole."""
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise RouterError(413, "validation", f"the body is over {limit} bytes; send a shorter prompt")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise RouterError(413, "validation", f"the body is over {limit} bytes; send a shorter prompt")
+        try:
+            return json.loads(data)
+        except ValueError as error:
+            raise RouterError(422, "validation", f"the body is not valid JSON: {error}") from error
+
+    # --- routing --------------------------------------------------------------------------
+
+    def plan(self, call: Call, request: Request, request_id: str) -> tuple[RoutedCall, list[Target]]:
+        """The exchange and the targets to try in order (assigned arm, then the fallback)."""
+        config = self.holder.config  # one config for the whole request, even across a reload
+        route = config.routes.get(call.route_key) if call.route_key else None
+        if route is None:
+            upstream = config.default_upstream
+            if not upstream:
+                raise RouterError(424, "generation", f"{call.route_key!r} names no route and the config sets no default_upstream; "
+                                  f"use one of {sorted(config.routes)}")
+            exchange = RoutedCall(request_id, call, config, PASSTHROUGH_ROUTE_LABEL, None)
+            target = Target(PASSTHROUGH_ROUTE_LABEL, DEFAULT_ARM_LABEL, upstream, call.route_key, call.path, call.body,
+                            self.settings.passthrough_timeout_s)
+            return exchange, [target]
+        unit = self._unit(config.sticky, request, call.body)
+        unit_hash = hash_unit(unit, config.salt) if unit is not None else None
+        pinned = request.headers.get(PIN_HEADER)
+        if pinned in route.arms:
+            arm = pinned
+        else:
+            arm = assign(config.salt, call.route_key, unit if unit is not None else request_id, route.weights())
+        names = [arm] + [n for n in [route.fallback_arm()] if n and n != arm]
+        exchange = RoutedCall(request_id, call, config, call.route_key, unit_hash)
+        return exchange, [self._target(call, call.route_key, route, name) for name in names]
+
+    @staticmethod
+    def _unit(sticky: traffic.Sticky, request: Request, body: dict) -> str | None:
+        if sticky.header:
+            return request.headers.get(sticky.header)
+        if sticky.body_field:
+            value = body.get(sticky.body_field)
+            return str(value) if value is not None else None
+        return None  # per request: the request id decides
+
+    @staticmethod
+    def _target(call: Call, route_name: str, route: traffic.Route, arm_name: str, stream: bool | None = None) -> Target:
+        arm = route.arms[arm_name]
+        path, body = for_arm(call, arm.adapter, lambda prompt: route.render(arm, prompt), stream=stream)
+        template = arm.template if route.mode == "template" else None
+        return Target(route_name, arm_name, arm.upstream, arm.adapter, path, body, arm.timeout_s, traffic.template_version(template))
+
+    async def answer(self, call: Call, request: Request) -> Response:
+        """Proxy a call, falling back arm by arm; raise ``RouterError`` when none answers."""
+        request_id = new_request_id()
+        exchange, targets = self.plan(call, request, request_id)
+        failed = None
+        for target in targets:
+            key = f"{target.route}/{target.arm}"
+            if not self.breaker.allow(key):
+                self.metrics.upstream_errors.labels(target.route, target.arm, "circuit_open").inc()
+                failed = failed or target
+                continue
+            try:
+                if failed is not None:
+                    exchange.fallback_from = failed.arm
+                    self.metrics.fallbacks.labels(target.route, failed.arm, target.arm).inc()
+                response = await (self._stream(exchange, target) if call.stream else self._plain(exchange, target))
+            except UpstreamFailure as failure:
+                self.breaker.failure(key)
+                self.metrics.upstream_errors.labels(target.route, target.arm, failure.reason).inc()
+                log.warning("upstream of %s/%s failed (%s)", target.route, target.arm, failure.reason)
+                failed = failed or target
+                continue
+            self.breaker.success(key)
+            return response
+        last = targets[-1]
+        self.metrics.observe_request(last.route, last.arm, "upstream_error")
+        self._log(exchange, last, Answer(), 502, "upstream_error", None)
+        raise RouterError(502, "upstream", f"no upstream of route {exchange.route!r} answered; see the router's log")
+
+    def _headers(self, exchange: RoutedCall, target: Target, upstream: aiohttp.ClientResponse) -> dict[str, str]:
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROPPED_HEADERS}
+        headers.update({
+            "x-request-id": exchange.request_id,
+            "x-stillhouse-route": exchange.route,
+            "x-stillhouse-arm": target.arm,
+            "x-stillhouse-config-version": exchange.config.version_hash,
+        })
+        return headers
+
+    async def _send(self, target: Target, request_id: str, stream: bool) -> aiohttp.ClientResponse:
+        """POST to the target; the body is left unread. Raises ``UpstreamFailure`` on timeout, connection error, 5xx."""
+        url = target.upstream.rstrip("/") + target.path
+        # Streams get a per-read timeout (a long answer is fine while tokens keep coming); plain calls a total one.
+        timeout = (
+            aiohttp.ClientTimeout(total=None, sock_connect=target.timeout_s, sock_read=target.timeout_s)
+            if stream
+            else aiohttp.ClientTimeout(total=target.timeout_s)
+        )
+        headers = {"content-type": "application/json", "accept-encoding": "identity", "x-request-id": request_id}
+        try:
+            response = await self.client.post(url, data=json.dumps(target.body).encode(), headers=headers, timeout=timeout)
+        except asyncio.TimeoutError as error:
+            raise UpstreamFailure("timeout") from error
+        except aiohttp.ClientError as error:
+            raise UpstreamFailure("connect") from error
+        if response.status >= 500:
+            response.close()
+            raise UpstreamFailure("5xx")
+        return response
+
+    @staticmethod
+    async def _read(response: aiohttp.ClientResponse) -> bytes:
+        try:
+            return await response.read()
+        except asyncio.TimeoutError as error:
+            raise UpstreamFailure("timeout") from error
+        except aiohttp.ClientError as error:
+            raise UpstreamFailure("read") from error
+        finally:
+            response.release()
+
+    async def _plain(self, exchange: RoutedCall, target: Target) -> Response:
+        upstream = await self._send(target, exchange.request_id, stream=False)
+        content = await self._read(upstream)
+        elapsed = time.perf_counter() - exchange.started
+        ok = upstream.status < 400
+        answer = answer_from_json(exchange.call.protocol, _json(content)) if ok else Answer()
+        outcome = self._outcome(exchange, ok)
+        self._finish(exchange, target, answer, upstream.status, outcome, elapsed, elapsed)
+        return Response(content, status_code=upstream.status, headers=self._headers(exchange, target, upstream))
+
+    async def _stream(self, exchange: RoutedCall, target: Target) -> Response:
+        upstream = await self._send(target, exchange.request_id, stream=True)
+        if upstream.status >= 400:
+            content = await self._read(upstream)
+            self._finish(exchange, target, Answer(), upstream.status, "client_error", None, None)
+            return Response(content, status_code=upstream.status, headers=self._headers(exchange, target, upstream))
+        chunks = upstream.content.iter_any()
+        try:
+            # The first chunk decides: a failure before it can still fall back, one after it cannot.
+            first = await asyncio.wait_for(chunks.__anext__(), target.timeout_s)
+        except (StopAsyncIteration, asyncio.TimeoutError, aiohttp.ClientError) as error:
+            upstream.close()
+            raise UpstreamFailure("timeout" if isinstance(error, asyncio.TimeoutError) else "stream") from error
+        ttft = time.perf_counter() - exchange.started
+        parser = StreamAnswer(exchange.call.protocol)
+
+        async def relay():
+            outcome, status = "cancelled", 200
+            try:
+                parser.feed(first)
+                yield first
+                async for chunk in chunks:
+                    parser.feed(chunk)
+                    yield chunk
+                outcome = self._outcome(exchange, True)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                outcome, status = "upstream_error", 502
+                self.metrics.upstream_errors.labels(target.route, target.arm, "stream").inc()
+            finally:
+                # A stream cut short leaves unread bytes, so its connection must not be reused.
+                if outcome in ("success", "fallback"):
+                    upstream.release()
+                else:
+                    upstream.close()
+                self._finish(exchange, target, parser.result(), status, outcome, time.perf_counter() - exchange.started, ttft)
+
+        return StreamingResponse(relay(), status_code=upstream.status, headers=self._headers(exchange, target, upstream))
+
+    @staticmethod
+    def _outcome(exchange: RoutedCall, ok: bool) -> str:
+        if not ok:
+            return "client_error"
+        return "fallback" if exchange.fallback_from else "success"
+
+    def _finish(self, exchange: RoutedCall, target: Target, answer: Answer, status: int, outcome: str,
+                duration_s: float | None, ttft_s: float | None) -> None:
+        """Metrics, log row, feedback index and shadow calls for an answered exchange."""
+        self.metrics.observe_request(
+            target.route, target.arm, outcome, duration_s=duration_s, ttft_s=ttft_s,
+            prompt_tokens=answer.prompt_tokens, completion_tokens=answer.generated_tokens,
+        )
+        self._log(exchange, target, answer, status, outcome, duration_s, ttft_s)
+        self._arms[exchange.request_id] = (exchange.route, target.arm)
+        if len(self._arms) > self.settings.remembered_requests:
+            self._arms.popitem(last=False)
+        if outcome in ("success", "fallback"):
+            self._start_shadows(exchange, target.arm, answer.text)
+
+    def _log(self, exchange: RoutedCall, target: Target, answer: Answer, status: int, outcome: str,
+             duration_s: float | None, ttft_s: float | None, shadow_of: str | None = None, agreement: bool | None = None) -> None:
+        if self.request_log is None:
+            return
+        self.request_log.record(Exchange(
+            request_id=new_request_id() if shadow_of else exchange.request_id,
+            prompt=exchange.call.prompt,
+            protocol=exchange.call.protocol,
+            source="router",
+            route=exchange.route,
+            arm=target.arm,
+            adapter=target.adapter,
+            template_version=target.template_version,
+            config_version=exchange.config.version_hash,
+            output=answer.text,
+            parameters=exchange.call.parameters,
+            prompt_tokens=answer.prompt_tokens,
+            generated_tokens=answer.generated_tokens,
+            latency_ms=duration_s * 1000 if duration_s is not None else None,
+            ttft_ms=ttft_s * 1000 if ttft_s is not None else None,
+            status=status,
+            outcome=outcome,
+            unit_hash=exchange.unit_hash,
+            fallback_from=exchange.fallback_from if not shadow_of else None,
+            shadow_of=shadow_of,
+            shadow_agreement=agreement,
+        ))
+
+    # --- shadow traffic -------------------------------------------------------------------
+
+    def _start_shadows(self, exchange: RoutedCall, served_arm: str, served_text: str | None) -> None:
+        route = exchange.config.routes.get(exchange.route)
+        if route is None:
+            return
+        for spec in route.shadow:
+            if spec.arm == served_arm or random.random() >= spec.fraction:
+                continue
+            if len(self._shadows) >= self.settings.max_shadow_in_flight:
+                self.metrics.shadow.labels(exchange.route, spec.arm, "skipped").inc()
+                continue
+            target = self._target(exchange.call, exchange.route, route, spec.arm, stream=False)
+            task = asyncio.create_task(self._shadow(exchange, target, served_text))
+            self._shadows.add(task)
+            task.add_done_callback(self._shadows.discard)
+
+    async def _shadow(self, exchange: RoutedCall, target: Target, served_text: str | None) -> None:
+        started = time.perf_counter()
+        try:
+            response = await self._send(target, new_request_id(), stream=False)
+            content = await self._read(response)
+            answer = answer_from_json(exchange.call.protocol, _json(content)) if response.status < 400 else None
+        except UpstreamFailure:
+            answer = None
+        if answer is None or answer.text is None:
+            self.metrics.shadow.labels(target.route, target.arm, "error").inc()
+            self._log(exchange, target, Answer(), 502, "upstream_error", time.perf_counter() - started, None, shadow_of=exchange.request_id)
+            return
+        agree = answer.text == served_text
+        self.metrics.shadow.labels(target.route, target.arm, "agree" if agree else "disagree").inc()
+        elapsed = time.perf_counter() - started
+        self._log(exchange, target, answer, 200, "success", elapsed, None, shadow_of=exchange.request_id, agreement=agree)
+
+    # --- feedback -------------------------------------------------------------------------
+
+    async def feedback(self, body: object) -> dict:
+        """Validate ``{request_id, metric, value}`` against the route's metrics and record it."""
+        if not isinstance(body, dict) or set(body) != {"request_id", "metric", "value"}:
+            raise RouterError(422, "validation", "send exactly {\"request_id\": ..., \"metric\": ..., \"value\": ...}")
+        request_id, metric, value = body["request_id"], body["metric"], body["value"]
+        known = self._arms.get(str(request_id))
+        if known is None and self.request_log is not None:
+            row = await asyncio.to_thread(self._logged, str(request_id))  # off the event loop: it may wait for the writer
+            known = (row.route, row.arm) if row and row.route and row.arm else None
+        if known is None:
+            raise RouterError(404, "not_found", f"no routed request has id {request_id!r}; send the x-request-id of a response")
+        route_name, arm = known
+        route = self.holder.config.routes.get(route_name)
+        spec = route.metrics.get(metric) if route else None
+        if spec is None:
+            declared = sorted(route.metrics) if route else []
+            raise RouterError(422, "validation", f"route {route_name!r} declares no metric {metric!r}; declared: {declared}")
+        if isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RouterError(422, "validation", f"`value` must be a finite number, got {value!r}")
+        if spec.type == "boolean" and value not in (0, 1):
+            raise RouterError(422, "validation", f"{metric} is boolean: send true/false or 0/1")
+        self.metrics.observe_feedback(route_name, arm, metric, float(value))
+        if self.request_log is not None:
+            self.request_log.feedback(Feedback(str(request_id), metric, float(value)))
+        return {"request_id": request_id, "route": route_name, "arm": arm, "metric": metric, "value": float(value)}
+
+
+    def _logged(self, request_id: str) -> Exchange | None:
+        self.request_log.flush()
+        return self.request_log.store.arm_of(request_id)
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else None
+
+
+def _json(content: bytes) -> object:
+    try:
+        return json.loads(content)
+    except ValueError:
+        return None
+
+
+def create_app(router: Router) -> FastAPI:
+    """The router's FastAPI app; the upstream client, log writer and config watcher live with it."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await router.start()
+        watcher = asyncio.create_task(router.watch_config())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await router.stop()
+
+    app = FastAPI(title="Stillhouse A/B router", lifespan=lifespan)
+
+    @app.exception_handler(RouterError)
+    async def _router_error(request: Request, error: RouterError):
+        return JSONResponse({"error": error.message, "error_type": error.error_type}, status_code=error.status_code)
+
+    @app.get("/health")
+    async def health():
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def generation(request: Request):
+        router.check_client(request)
+        body = await router.read_body(request)
+        try:
+            call = parse_call(request.url.path, body)
+        except BadCall as error:
+            raise RouterError(422, "validation", str(error)) from error
+        return await router.answer(call, request)
+
+    for path in sorted(GENERATION_PATHS):
+        app.add_api_route(path, generation, methods=["POST"])
+
+    @app.post("/feedback")
+    async def feedback(request: Request):
+        router.check_client(request)
+        return await router.feedback(await router.read_body(request))
+
+    @app.get("/admin/config")
+    async def admin_config(request: Request):
+        router.check_admin(request)
+        config = router.holder.config
+        return {"version": config.version_hash, "path": str(router.settings.config_path), "config": config.model_dump(mode="json")}
+
+    @app.post("/admin/weights")
+    async def admin_weights(request: Request):
+        router.check_admin(request)
+        body = await router.read_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("route"), str) or not isinstance(body.get("weights"), dict):
+            raise RouterError(422, "validation", "send {\"route\": NAME, \"weights\": {ARM: WEIGHT}}")
+        try:
+            config = traffic.with_weights(router.holder.config, body["route"], body["weights"])
+        except traffic.ConfigError as error:
+            raise RouterError(422, "validation", "; ".join(str(p) for p in error.problems)) from error
+        router.holder.replace(config)
+        log.info("weights of route %s set to %s: version %s", body["route"], body["weights"], config.version_hash)
+        return {"version": config.version_hash, "route": body["route"], "weights": config.routes[body["route"]].weights()}
+
+    return app
