@@ -48,7 +48,10 @@ stillhouse_router_config_reload_errors_total    counter    —                  
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# `*_created` series double every counter's cardinality and no dashboard or query reads them.
+disable_created_metrics()
 
 BASE_ADAPTER_LABEL = "__base__"
 

@@ -131,6 +131,15 @@ def base_identity(base_dir: Path) -> BaseIdentity:
     return BaseIdentity(name, aliases, str(config.get("model_type", "")), base_dir)
 
 
+def load_tokenizer(base_dir: Path):
+    """The base's tokenizer, as every engine and the trainer load it."""
+    from transformers import AutoTokenizer
+
+    # transformers 4.57.3+ warns about a Mistral regex for any local checkpoint it wrote
+    # itself; Gemma's tokenizer has no such regex, so the warning is a false alarm.
+    return AutoTokenizer.from_pretrained(base_dir, fix_mistral_regex=False)
+
+
 # --- names and local directories ---------------------------------------------------------
 
 

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.cache_utils import DynamicCache
 
+from serving import base_models
 from serving.engines.base import (
     AdapterRef,
     Engine,
@@ -116,7 +117,7 @@ class TorchEngine(Engine):
         self._max_resident_adapters = max_resident_adapters
         self._dtype = dtype
         self._device = torch.device(device)
-        self._tokenizer = AutoTokenizer.from_pretrained(self._base_dir)
+        self._tokenizer = base_models.load_tokenizer(self._base_dir)
         self._config = AutoConfig.from_pretrained(self._base_dir).get_text_config(decoder=True)
         model_limit = getattr(self._config, "max_position_embeddings", DEFAULT_MAX_TOTAL_TOKENS)
         self.max_total_tokens = max_total_tokens or min(model_limit, DEFAULT_MAX_TOTAL_TOKENS)

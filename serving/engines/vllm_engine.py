@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import httpx
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 
+from serving import base_models
 from serving.engines.base import (
     AdapterRef,
     Engine,
@@ -241,7 +242,7 @@ class VllmEngine(Engine):
     ):
         self.model_name = model_name
         self._base_dir = Path(base_dir)
-        self._tokenizer = AutoTokenizer.from_pretrained(self._base_dir)
+        self._tokenizer = base_models.load_tokenizer(self._base_dir)
         config = AutoConfig.from_pretrained(self._base_dir).get_text_config(decoder=True)
         model_limit = getattr(config, "max_position_embeddings", DEFAULT_MAX_TOTAL_TOKENS)
         self.max_total_tokens = max_total_tokens or min(model_limit, DEFAULT_MAX_TOTAL_TOKENS)
