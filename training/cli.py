@@ -1,0 +1,189 @@
+"""`stillhouse data build|curate`, `stillhouse label`, `stillhouse train`, `stillhouse eval`.
+
+Each takes a run config (``--config run.yaml``; else the run's saved ``runs/<name>/config.json``;
+else defaults from the task) and flags that override single fields of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# flag -> (dotted config field, type, help)
+_COMMON = {
+    "--task": ("task", str, "task name (demo) or task YAML file"),
+    "--base": ("base", str, "base model: tiny, gemma-3-270m, or a local HF directory"),
+    "--runs-dir": ("runs_dir", str, "where run directories live (default ./runs)"),
+}
+_DATA = {
+    "--source": ("data.source", str, "generator, a .jsonl/.csv file, or request-log:PATH"),
+    "--train-size": ("data.train_size", int, "rows the task generator makes for training"),
+    "--test-size": ("data.test_size", int, "held-out rows the task generator makes"),
+    "--data-seed": ("data.seed", int, "seed of the generator and the split"),
+}
+_CURATION = {
+    "--dedup-threshold": ("curation.dedup_threshold", float, "MinHash Jaccard threshold for near-duplicates"),
+    "--max-label-ratio": ("curation.max_label_ratio", float, "cap each label at this multiple of the rarest"),
+    "--max-per-label": ("curation.max_per_label", int, "cap on training rows per label"),
+}
+_TRAIN = {
+    "--rank": ("lora.rank", int, "LoRA rank (servable: 8, 16, 32, 64)"),
+    "--alpha": ("lora.alpha", float, "LoRA alpha"),
+    "--dropout": ("lora.dropout", float, "LoRA dropout"),
+    "--profile": ("lora.profile", str, "servability profile: strict, lorax, vllm"),
+    "--lr": ("train.lr", float, "peak learning rate"),
+    "--epochs": ("train.epochs", float, "epochs (ignored when --max-steps is set)"),
+    "--max-steps": ("train.max_steps", int, "optimiser steps"),
+    "--batch-size": ("train.batch_size", int, "rows per micro-batch"),
+    "--grad-accum": ("train.grad_accum", int, "micro-batches per optimiser step"),
+    "--seed": ("train.seed", int, "training seed"),
+    "--save-every": ("train.save_every", int, "checkpoint every N steps"),
+    "--log-every": ("train.log_every", int, "progress line every N steps"),
+    "--registry": ("registry", str, "adapter registry directory (default $STILLHOUSE_HOME/registry)"),
+}
+_TEACHER = {
+    "--teacher-url": ("teacher.url", str, "teacher endpoint URL (LoRAX root, or OpenAI .../v1)"),
+    "--teacher-protocol": ("teacher.protocol", str, "lorax or openai"),
+    "--teacher-model": ("teacher.model", str, "teacher adapter id / model name (empty: the base)"),
+    "--teacher-concurrency": ("teacher.concurrency", int, "requests in flight to the teacher"),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="build and curate a run's dataset")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    build = data_commands.add_parser("build", help="read the source (task generator, JSONL, CSV, request log) into the run")
+    _add_flags(build, _COMMON, _DATA)
+    build.set_defaults(handler=_build)
+    curate = data_commands.add_parser("curate", help="filter, dedup, split and balance; write the dataset card")
+    _add_flags(curate, _COMMON, _DATA, _CURATION)
+    curate.set_defaults(handler=_curate)
+
+    label = subparsers.add_parser("label", help="label the run's rows with a teacher endpoint (resumable)")
+    _add_flags(label, _COMMON, _TEACHER)
+    label.add_argument("--relabel", action="store_true", help="ask the teacher for rows that already have an output")
+    label.set_defaults(handler=_label)
+
+    train = subparsers.add_parser("train", help="train a servable LoRA adapter and register it")
+    _add_flags(train, _COMMON, _DATA, _CURATION, _TRAIN, _TEACHER)
+    train.set_defaults(handler=_train)
+
+    evaluate = subparsers.add_parser("eval", help="score an endpoint+adapter on the run's test split (with 95%% CIs)")
+    _add_flags(evaluate, _COMMON)
+    evaluate.add_argument("--url", required=True, help="endpoint URL (LoRAX root, or OpenAI .../v1)")
+    evaluate.add_argument("--protocol", choices=["lorax", "openai"], default="lorax")
+    evaluate.add_argument("--adapter", default=None, help="adapter id to evaluate (default: the run's registered adapter)")
+    evaluate.add_argument("--with-teacher", action="store_true", help="also score the teacher prompt on the base model of --url")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N test rows")
+    evaluate.add_argument("--concurrency", type=int, default=4)
+    evaluate.set_defaults(handler=_eval)
+
+
+def _add_flags(parser: argparse.ArgumentParser, *groups: dict) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="run config YAML (flags override it)")
+    parser.add_argument("--name", default=None, help="run name (runs/<name>/, and the registered adapter's name)")
+    for group in groups:
+        for flag, (field, kind, text) in group.items():
+            metavar = flag.lstrip("-").replace("-", "_").upper()
+            parser.add_argument(flag, type=kind, default=None, dest=field.replace(".", "__"), metavar=metavar, help=text)
+
+
+def _config(args: argparse.Namespace):
+    """The run config: --config, else the run's saved config, else defaults; then flag overrides."""
+    from training.config import load_config
+
+    overrides = {key.replace("__", "."): value for key, value in vars(args).items() if "__" in key or key in ("task", "base", "runs_dir", "registry")}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if args.name:
+        overrides["name"] = args.name
+    path = args.config
+    if path is None and args.name:
+        saved = Path(overrides.get("runs_dir", "runs")) / args.name / "config.json"
+        path = saved if saved.is_file() else None
+    if path is None and "name" not in overrides:
+        raise SystemExit("stillhouse: pass --name NAME (or --config FILE with a name)")
+    return load_config(path, overrides)
+
+
+def _run(function) -> int:
+    """Run a stage; configuration and data errors print one message and exit 2."""
+    from training.config import ConfigError
+    from training.dataset import DatasetError
+    from training.task import TaskError
+    from training.trainer import NotServableConfigError
+
+    try:
+        function()
+    except (ConfigError, TaskError, DatasetError, NotServableConfigError) as error:
+        print(f"stillhouse: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from training import recipe
+    from training.task import load_task
+
+    def run():
+        config = _config(args)
+        recipe.build(config, load_task(config.task), recipe.stderr)
+
+    return _run(run)
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from training import recipe
+    from training.task import load_task
+
+    def run():
+        config = _config(args)
+        card = recipe.curate(config, load_task(config.task), recipe.stderr)
+        print(f"{config.run_dir / 'data' / 'card.md'}: train {card['splits']['train']['rows']} rows, test {card['splits']['test']['rows']} rows")
+
+    return _run(run)
+
+
+def _label(args: argparse.Namespace) -> int:
+    from training import recipe
+    from training.config import ConfigError
+    from training.task import load_task
+
+    def run():
+        config = _config(args)
+        if config.teacher is None:
+            raise ConfigError("no teacher: pass --teacher-url URL (or set teacher.url in the run config)")
+        recipe.label_rows(config, load_task(config.task), config.teacher, recipe.stderr, relabel=args.relabel)
+
+    return _run(run)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training import recipe
+
+    def run():
+        _, entry = recipe.train(_config(args), recipe.stderr)
+        print(entry.id)
+
+    return _run(run)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from training import recipe
+    from training.config import EndpointConfig
+    from training.task import load_task
+
+    def run():
+        config = _config(args)
+        adapter = args.adapter
+        if adapter is None and (config.run_dir / "run.json").is_file():
+            adapter = json.loads((config.run_dir / "run.json").read_text())["adapter_id"]
+        student = EndpointConfig(url=args.url, protocol=args.protocol, model=adapter, concurrency=args.concurrency)
+        teacher = config.teacher
+        if args.with_teacher and teacher is None:
+            teacher = EndpointConfig(url=args.url, protocol=args.protocol, model=None, concurrency=args.concurrency)
+        recipe.evaluate_run(config, load_task(config.task), student, teacher if args.with_teacher else None, recipe.stderr, args.limit)
+
+    return _run(run)

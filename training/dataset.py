@@ -1,0 +1,143 @@
+"""Datasets: rows of task inputs with the teacher's output and, when known, a gold label.
+
+A row is a dict ``{id, inputs: {field: text}, output, gold, split}``; ``output`` is what the
+student learns (the teacher's answer), ``gold`` what evaluation scores against, ``split`` is
+``train`` / ``test`` when the source fixes it (the demo generator's held-out vocabulary) and
+None otherwise. Rows come from the task's generator, JSONL or CSV files, or the request log.
+Splits are a pure function of each row's input text, so adding rows never moves old ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from training.config import DataConfig
+from training.task import Task
+
+SPLITS = ("train", "test")
+
+
+class DatasetError(ValueError):
+    """A data source cannot be read as rows of the task; the message says what to fix."""
+
+
+def load_rows(task: Task, data: DataConfig) -> list[dict]:
+    """Every row of ``data.source`` for ``task``, in a stable order."""
+    source = data.source
+    if source == "generator":
+        return _generated_rows(task, data)
+    if source.startswith("request-log:"):
+        return _logged_rows(task, data, Path(source.removeprefix("request-log:")).expanduser())
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DatasetError(f"data.source {source!r}: no such file; pass a .jsonl or .csv file, or 'generator'")
+    if path.suffix == ".jsonl":
+        records = _read_jsonl(path)
+    elif path.suffix == ".csv":
+        with path.open(newline="") as handle:
+            records = list(csv.DictReader(handle))
+    else:
+        raise DatasetError(f"data.source {source!r}: unsupported file type; use .jsonl or .csv")
+    return [_row_from_record(task, data, record, f"{path.name}:{index}") for index, record in enumerate(records)]
+
+
+def assign_splits(rows: list[dict], task: Task, test_fraction: float, seed: int) -> list[dict]:
+    """Give every row without a split one, by a hash of its input text (stable under additions)."""
+    assigned = []
+    for row in rows:
+        if row.get("split") is None:
+            digest = hashlib.sha256(f"{seed}\x00{task.input_text(row['inputs'])}".encode()).digest()
+            fraction = int.from_bytes(digest[:8], "big") / 2**64
+            row = {**row, "split": "test" if fraction < test_fraction else "train"}
+        assigned.append(row)
+    return assigned
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Write rows atomically (a crash leaves the old file, never half a new one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(temporary, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows written by :func:`write_jsonl`."""
+    return _read_jsonl(Path(path))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open() as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise DatasetError(f"{path}:{number}: not a JSON object ({error.msg}); fix or remove the line") from None
+    return rows
+
+
+def _row_from_record(task: Task, data: DataConfig, record: dict, fallback_id: str) -> dict:
+    """A flat record (one column per input field) as a row; missing inputs stay empty for curation to drop."""
+    inputs = {field: "" if record.get(field) is None else str(record.get(field)) for field in task.input_fields}
+    gold = record.get(data.gold_field) or None
+    output = record.get(data.output_field) or None
+    if output is None and gold is not None and data.use_gold_as_output:
+        output = gold
+    split = record.get("split") if record.get("split") in SPLITS else None
+    return {"id": str(record.get("id") or fallback_id), "inputs": inputs, "output": output, "gold": gold, "split": split}
+
+
+def _logged_rows(task: Task, data: DataConfig, path: Path) -> list[dict]:
+    """Successful exchanges from the request log whose prompt is this task's teacher or student prompt.
+
+    The logged output is the teacher's answer; a prompt that matches neither template keeps empty
+    inputs, so curation drops it as ``missing_input`` and the card counts it.
+    """
+    from serving.request_log import SQLiteStore
+
+    if not path.is_file():
+        raise DatasetError(f"data.source request-log:{path}: no such file; pass the SQLite file `stillhouse serve --request-log` writes")
+    selection = data.log_filter
+    store = SQLiteStore(path)
+    try:
+        logged = store.query(
+            route=selection.route,
+            arm=selection.arm,
+            adapter=selection.adapter,
+            since=selection.since.timestamp() if selection.since else None,
+            until=selection.until.timestamp() if selection.until else None,
+            min_feedback=selection.min_feedback or None,
+        )
+    finally:
+        store.close()
+    rows = []
+    for item in logged:
+        exchange = item.exchange
+        if exchange.status != 200 or exchange.output is None:
+            continue
+        inputs = task.inputs_from_prompt(exchange.prompt) or {field: "" for field in task.input_fields}
+        rows.append({"id": exchange.request_id, "inputs": inputs, "output": exchange.output.strip(), "gold": None, "split": None})
+    return rows
+
+
+def _generated_rows(task: Task, data: DataConfig) -> list[dict]:
+    if not task.generator:
+        raise DatasetError(f"task {task.name!r} has no generator; set data.source to a .jsonl or .csv file")
+    generator = importlib.import_module(task.generator)
+    rows = []
+    for split, size, generator_split in (("train", data.train_size, "train"), ("test", data.test_size, "heldout")):
+        for record in generator.generate(generator_split, size, seed=data.seed):
+            row = _row_from_record(task, data, record, record["id"])
+            rows.append({**row, "split": split})
+    return rows

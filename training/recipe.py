@@ -1,0 +1,158 @@
+"""The distillation recipe, one function per stage; each reads and writes the run directory.
+
+``runs/<name>/``
+    ``config.json``            the resolved run config
+    ``data/rows.jsonl``        rows as built from the source (labelled in place by the teacher)
+    ``data/{train,test}.jsonl``, ``data/card.{json,md}``   curated splits and their dataset card
+    ``train/``                 checkpoints, ``loss.{json,csv}``, ``adapter/``
+    ``eval/``                  one JSON per evaluated endpoint, ``report.md``
+    ``run.json``               the registered adapter id and its lineage
+
+Setup → run → report: build → (label) → curate → train → register → evaluate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from serving import base_models
+from serving.registry import AdapterEntry, Registry, default_registry_dir
+from training import curation, dataset, trainer
+from training.config import EndpointConfig, RunConfig
+from training.endpoint import Endpoint
+from training.evaluation import EvalReport, evaluate, report_markdown
+from training.labelling import LabellingReport, label
+from training.task import Task, load_task
+
+Say = Callable[[str], None]
+
+
+def build(config: RunConfig, task: Task, say: Say) -> list[dict]:
+    """Read the source into ``data/rows.jsonl``."""
+    rows = dataset.load_rows(task, config.data)
+    data_dir = _data_dir(config)
+    dataset.write_jsonl(data_dir / "rows.jsonl", rows)
+    _write_config(config)
+    unlabelled = sum(1 for row in rows if row["output"] is None)
+    say(f"built {len(rows)} rows from {config.data.source} ({unlabelled} without an output) into {data_dir / 'rows.jsonl'}")
+    return rows
+
+
+def label_rows(config: RunConfig, task: Task, teacher: EndpointConfig, say: Say, relabel: bool = False) -> LabellingReport:
+    """Ask the teacher for every row without an output (all rows with ``relabel``); rewrite ``rows.jsonl``."""
+    path = _data_dir(config) / "rows.jsonl"
+    rows = dataset.read_jsonl(path)
+    labelled, report = label(rows, task, Endpoint(teacher), _data_dir(config) / "teacher_cache.jsonl", relabel=relabel)
+    dataset.write_jsonl(path, labelled)
+    say(f"labelled {report.rows} rows: {report.cached} from the cache, {report.requested} asked, "
+        f"{report.failed} failed, {report.mean_prompt_tokens:.1f} prompt tokens per request")
+    return report
+
+
+def curate(config: RunConfig, task: Task, say: Say) -> dict:
+    """Filter, dedup, split and balance ``rows.jsonl`` into ``train.jsonl`` / ``test.jsonl`` and the card."""
+    data_dir = _data_dir(config)
+    rows = dataset.read_jsonl(data_dir / "rows.jsonl")
+    curated, reports = curation.curate(rows, task, config.curation, config.data)
+    for split in dataset.SPLITS:
+        dataset.write_jsonl(data_dir / f"{split}.jsonl", [row for row in curated if row["split"] == split])
+    card = curation.dataset_card(task, config.data.source, curated, reports, _teacher_name(config, rows))
+    curation.write_card(data_dir, card)
+    for report in reports:
+        dropped = ", ".join(f"{reason} {count}" for reason, count in report["dropped"].items()) or "none dropped"
+        say(f"{report['step']}: {report['rows_in']} → {report['rows_out']} ({dropped})")
+    return card
+
+
+def train(config: RunConfig, say: Say, on_step: Callable[[int], None] | None = None) -> tuple[trainer.TrainResult, AdapterEntry]:
+    """Train on the curated training split (building and curating it first when absent) and register the adapter."""
+    # --- setup: task, base, servability, data
+    task = load_task(config.task)
+    base_dir = base_models.provision(config.base)
+    # Refuse a non-servable shape before building or labelling any data for it.
+    violations = trainer.check_servable(config.lora, base_dir)
+    if violations:
+        raise trainer.NotServableConfigError(config.lora.profile, violations)
+    data_dir = _data_dir(config)
+    if not (data_dir / "card.json").is_file():
+        build(config, task, say)
+        if config.teacher is not None:
+            label_rows(config, task, config.teacher, say)
+        curate(config, task, say)
+    _write_config(config)
+    rows = dataset.read_jsonl(data_dir / "train.jsonl")
+    card = json.loads((data_dir / "card.json").read_text())
+
+    # --- run
+    result = trainer.train(rows, task, base_dir, config.lora, config.train, config.run_dir / "train", say=say, on_step=on_step)
+
+    # --- report: register with lineage
+    lineage = {
+        "task": task.name,
+        "task_sha256": hashlib.sha256(task.model_dump_json().encode()).hexdigest(),
+        "teacher": card["teacher"],
+        "dataset_card": card,
+        "config": config.model_dump(mode="json"),
+        "run_dir": str(config.run_dir.resolve()),
+    }
+    metrics = {"train_loss": result.final_loss, "train_steps": result.steps, "train_tokens_per_s": result.tokens_per_s}
+    registry = Registry(Path(config.registry) if config.registry else default_registry_dir())
+    entry = registry.add(result.adapter_dir, config.name, base_dir=base_dir, profile=config.lora.profile, metadata={"lineage": lineage, "metrics": metrics})
+    (config.run_dir / "run.json").write_text(json.dumps({"adapter_id": entry.id, "registry": str(registry.root), "metrics": metrics}, indent=2) + "\n")
+    say(f"registered {entry.id} in {registry.root} (final loss {result.final_loss:.4f}, {result.tokens_per_s:.0f} tok/s)")
+    return result, entry
+
+
+def evaluate_run(
+    config: RunConfig, task: Task, student: EndpointConfig, teacher: EndpointConfig | None, say: Say, limit: int | None = None
+) -> list[EvalReport]:
+    """Score the student (student prompt) and optionally the teacher (teacher prompt) on the run's test split."""
+    rows = dataset.read_jsonl(_data_dir(config) / "test.jsonl")[:limit]
+    reports = [evaluate(task, rows, Endpoint(student), "student")]
+    if teacher is not None:
+        reports.append(evaluate(task, rows, Endpoint(teacher), "teacher"))
+    eval_dir = config.run_dir / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    for report in reports:
+        (eval_dir / f"{report.prompt}.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    markdown = report_markdown(task, reports)
+    (eval_dir / "report.md").write_text(markdown)
+    say(markdown)
+    _record_metrics(config, reports[0])
+    return reports
+
+
+def _record_metrics(config: RunConfig, report: EvalReport) -> None:
+    """Add the student's scores to its registry entry, when this run registered one."""
+    run_file = config.run_dir / "run.json"
+    if not run_file.is_file():
+        return
+    run = json.loads(run_file.read_text())
+    metrics = {f"eval_{metric.name}": {"value": metric.value, "ci95": [metric.low, metric.high], "n": metric.n} for metric in report.metrics}
+    metrics["eval_prompt_tokens_per_request"] = report.mean_prompt_tokens
+    Registry(Path(run["registry"])).update_metadata(run["adapter_id"], metrics=metrics)
+
+
+def _teacher_name(config: RunConfig, rows: list[dict]) -> str:
+    teachers = sorted({row["teacher"] for row in rows if row.get("teacher")})
+    if teachers:
+        return ", ".join(teachers)
+    return "gold labels" if config.data.use_gold_as_output and any(row.get("gold") for row in rows) else "source outputs"
+
+
+def _data_dir(config: RunConfig) -> Path:
+    return config.run_dir / "data"
+
+
+def _write_config(config: RunConfig) -> None:
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    (config.run_dir / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
+
+
+def stderr(message: str) -> None:
+    """Progress lines for the CLI."""
+    print(f"stillhouse: {message}", file=sys.stderr, flush=True)
