@@ -1,4 +1,4 @@
-"""`stillhouse data build|curate`, `stillhouse label`, `stillhouse train`, `stillhouse eval`.
+"""`stillhouse data build|curate`, `label`, `train`, `eval`, `ablate`, `sweep`, `review`.
 
 Each takes a run config (``--config run.yaml``; else the run's saved ``runs/<name>/config.json``;
 else defaults from the task) and flags that override single fields of it.
@@ -78,6 +78,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N test rows")
     evaluate.add_argument("--concurrency", type=int, default=4)
     evaluate.set_defaults(handler=_eval)
+
+    ablate = subparsers.add_parser("ablate", help="train on nested fractions of the data, fit a power law, extrapolate to 2x")
+    _add_flags(ablate, _COMMON, _DATA, _CURATION, _TRAIN, _TEACHER)
+    ablate.add_argument("--fractions", default="5,10,25,50,75,100", help="percentages of the training split (default 5,10,25,50,75,100)")
+    ablate.add_argument("--eval-limit", type=int, default=None, help="score only the first N test rows")
+    ablate.set_defaults(handler=_ablate)
+
+    sweep = subparsers.add_parser("sweep", help="vary one parameter at a time from a base config; all servable, sorted table")
+    _add_flags(sweep, _COMMON, _DATA, _CURATION, _TRAIN, _TEACHER)
+    sweep.add_argument("--vary", action="append", default=[], required=True, metavar="NAME=V1,V2",
+                       help="parameter and values, repeatable (rank, alpha, dropout, targets=q_proj+v_proj, lr, epochs, max_steps, ...)")
+    sweep.add_argument("--eval-limit", type=int, default=None, help="score only the first N test rows")
+    sweep.set_defaults(handler=_sweep)
+
+    review = subparsers.add_parser("review", help="error review of a run's evaluation: confusion matrix, worst examples, curation trace")
+    review.add_argument("--name", required=True, help="run name (runs/<name>/)")
+    review.add_argument("--runs-dir", default="runs", help="where run directories live (default ./runs)")
+    review.add_argument("--worst", type=int, default=20, help="wrong predictions to list")
+    review.add_argument("--eval", type=Path, default=None, help="evaluation output to review (default runs/<name>/eval/student.json)")
+    review.add_argument("--teacher-eval", type=Path, default=None, help="teacher's evaluation output (default runs/<name>/eval/teacher.json)")
+    review.set_defaults(handler=_review)
 
 
 def _add_flags(parser: argparse.ArgumentParser, *groups: dict) -> None:
@@ -187,3 +208,50 @@ def _eval(args: argparse.Namespace) -> int:
         recipe.evaluate_run(config, load_task(config.task), student, teacher if args.with_teacher else None, recipe.stderr, args.limit)
 
     return _run(run)
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from training import ablation, recipe
+
+    def run():
+        try:
+            fractions = ablation.parse_fractions(args.fractions)
+        except ValueError as error:
+            from training.config import ConfigError
+
+            raise ConfigError(str(error)) from None
+        config = _config(args)
+        report = ablation.ablate(config, fractions, recipe.stderr, eval_limit=args.eval_limit)
+        print(ablation.ablation_markdown(report), end="")
+
+    return _run(run)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from training import recipe
+    from training import sweep as sweeping
+
+    def run():
+        vary = sweeping.parse_vary(args.vary)
+        report = sweeping.sweep(_config(args), vary, recipe.stderr, eval_limit=args.eval_limit)
+        print(sweeping.sweep_markdown(report), end="")
+
+    try:
+        return _run(run)
+    except sweeping.SweepRefusedError as error:
+        print(f"stillhouse: {error}", file=sys.stderr)
+        return 2
+
+
+def _review(args: argparse.Namespace) -> int:
+    from training import recipe, review
+
+    def run():
+        paths = review.review(Path(args.runs_dir) / args.name, recipe.stderr, worst=args.worst, eval_path=args.eval, teacher_path=args.teacher_eval)
+        print("\n".join(str(path) for path in paths))
+
+    try:
+        return _run(run)
+    except review.ReviewError as error:
+        print(f"stillhouse: {error}", file=sys.stderr)
+        return 2

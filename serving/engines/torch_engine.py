@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
-from serving import base_models
 from serving.engines.base import (
     AdapterRef,
     Engine,
@@ -37,6 +36,7 @@ from serving.engines.base import (
     TokenInfo,
 )
 from serving.engines.detokenizer import IncrementalDetokenizer
+from serving.engines.model_text import ModelText
 from serving.engines.resident_adapters import ResidentAdapters
 from serving.engines.sampling import choose_token
 from serving.errors import (
@@ -117,13 +117,14 @@ class TorchEngine(Engine):
         self._max_resident_adapters = max_resident_adapters
         self._dtype = dtype
         self._device = torch.device(device)
-        self._tokenizer = base_models.load_tokenizer(self._base_dir)
         self._config = AutoConfig.from_pretrained(self._base_dir).get_text_config(decoder=True)
+        self._text = ModelText(self._base_dir, self._config)
+        self._tokenizer = self._text.tokenizer
         model_limit = getattr(self._config, "max_position_embeddings", DEFAULT_MAX_TOTAL_TOKENS)
         self.max_total_tokens = max_total_tokens or min(model_limit, DEFAULT_MAX_TOTAL_TOKENS)
         #: generated tokens that end a generation (tokenizer and generation config)
-        self.eos_token_ids = self._find_eos_ids()
-        self._special_ids = {i for i, t in self._tokenizer.added_tokens_decoder.items() if t.special}
+        self.eos_token_ids = self._text.eos_token_ids
+        self._special_ids = self._text.special_ids
         self._adapters: ResidentAdapters | None = None
         self._thread: threading.Thread | None = None
         # guards everything the event loop and the worker share: the fields below
@@ -161,40 +162,19 @@ class TorchEngine(Engine):
         model = AutoModelForCausalLM.from_pretrained(self._base_dir, dtype=self._dtype)
         return model.to(self._device).eval()
 
-    def _find_eos_ids(self) -> frozenset[int]:
-        try:
-            generation_config = GenerationConfig.from_pretrained(self._base_dir)
-        except OSError:
-            generation_config = GenerationConfig.from_model_config(self._config)
-        ids = {self._tokenizer.eos_token_id}
-        configured = generation_config.eos_token_id
-        ids.update(configured if isinstance(configured, list) else [configured])
-        return frozenset(i for i in ids if i is not None)
-
     # -- text ------------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for ``text`` (with BOS when the model uses one)."""
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return self._text.tokenize(text, add_special_tokens)
 
     def decode(self, ids: list[int]) -> str:
-        """Text for ``ids``, special tokens skipped, spacing left exactly as decoded."""
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        """Text for ``ids``, special tokens skipped."""
+        return self._text.decode(ids)
 
     def apply_chat_template(self, messages: list[dict]) -> str:
-        """The prompt for a chat, ending where the assistant's reply starts.
-
-        Like every prompt, it is meant for ``tokenize`` with special tokens, so a BOS the
-        template writes itself is left out (it would be doubled).
-        """
-        if self._tokenizer.chat_template:
-            prompt = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            bos = self._tokenizer.bos_token
-            if bos and prompt.startswith(bos) and self.tokenize("")[:1] == [self._tokenizer.bos_token_id]:
-                prompt = prompt[len(bos) :]
-            return prompt
-        turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        return f"{turns}assistant:"
+        """The prompt for a chat, ending where the assistant's reply starts (no doubled BOS)."""
+        return self._text.apply_chat_template(messages)
 
     # -- adapters --------------------------------------------------------------------------
 

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import httpx
-from transformers import AutoConfig, GenerationConfig
+from transformers import AutoConfig
 
-from serving import base_models
 from serving.engines.base import (
     AdapterRef,
     Engine,
@@ -242,12 +241,13 @@ class VllmEngine(Engine):
     ):
         self.model_name = model_name
         self._base_dir = Path(base_dir)
-        self._tokenizer = base_models.load_tokenizer(self._base_dir)
         config = AutoConfig.from_pretrained(self._base_dir).get_text_config(decoder=True)
+        self._text = ModelText(self._base_dir, config)
+        self._tokenizer = self._text.tokenizer
         model_limit = getattr(config, "max_position_embeddings", DEFAULT_MAX_TOTAL_TOKENS)
         self.max_total_tokens = max_total_tokens or min(model_limit, DEFAULT_MAX_TOTAL_TOKENS)
-        self.eos_token_ids = self._find_eos_ids(config)
-        self._special_ids = {i for i, t in self._tokenizer.added_tokens_decoder.items() if t.special}
+        self.eos_token_ids = self._text.eos_token_ids
+        self._special_ids = self._text.special_ids
         self.max_lora_rank = max_lora_rank
         self._max_queue = max_queue
         self._capacity = max_resident_adapters
@@ -321,36 +321,19 @@ class VllmEngine(Engine):
             self._clients[id(loop)] = client
         return client
 
-    def _find_eos_ids(self, config) -> frozenset[int]:
-        try:
-            generation_config = GenerationConfig.from_pretrained(self._base_dir)
-        except OSError:
-            generation_config = GenerationConfig.from_model_config(config)
-        ids = {self._tokenizer.eos_token_id}
-        configured = generation_config.eos_token_id
-        ids.update(configured if isinstance(configured, list) else [configured])
-        return frozenset(i for i in ids if i is not None)
-
     # -- text (ours, so every engine sees the same ids) ------------------------------------
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for ``text`` (with BOS when the model uses one)."""
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return self._text.tokenize(text, add_special_tokens)
 
     def decode(self, ids: list[int]) -> str:
-        """Text for ``ids``, special tokens skipped, spacing left exactly as decoded."""
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        """Text for ``ids``, special tokens skipped."""
+        return self._text.decode(ids)
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         """The prompt for a chat, ending where the assistant's reply starts (no doubled BOS)."""
-        if self._tokenizer.chat_template:
-            prompt = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            bos = self._tokenizer.bos_token
-            if bos and prompt.startswith(bos) and self.tokenize("")[:1] == [self._tokenizer.bos_token_id]:
-                prompt = prompt[len(bos) :]
-            return prompt
-        turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        return f"{turns}assistant:"
+        return self._text.apply_chat_template(messages)
 
     # -- adapters --------------------------------------------------------------------------
 
