@@ -31,7 +31,6 @@ from serving.errors import (
     AdapterNotServableError,
     ForbiddenError,
     IncompleteGenerationError,
-    OverloadedError,
     ServingError,
     UnauthorizedError,
     ValidationError,

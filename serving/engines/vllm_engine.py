@@ -42,6 +42,7 @@ from serving.engines.base import (
     TokenInfo,
 )
 from serving.engines.detokenizer import IncrementalDetokenizer
+from serving.engines.model_text import ModelText
 from serving.engines.vllm_install import DEFAULT_VENV, venv_python
 from serving.errors import (
     AdapterNotServableError,

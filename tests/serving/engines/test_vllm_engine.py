@@ -9,7 +9,6 @@ the last test SIGKILLs the parent and checks vLLM goes with it.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import re
 import signal
@@ -25,7 +24,7 @@ import pytest
 
 from serving.engines.base import AdapterRef, GenerationRequest, GenerationResult, SamplingParams
 from serving.engines.torch_engine import TorchEngine
-from serving.engines.vllm_engine import VllmEngine, VllmProcess, max_lora_rank_for
+from serving.engines.vllm_engine import VllmEngine, max_lora_rank_for
 from serving.engines.vllm_install import DEFAULT_VENV, venv_python
 from serving.errors import AdapterNotServableError, OverloadedError
 from serving.registry import Registry
