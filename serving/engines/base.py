@@ -11,7 +11,10 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Literal
+from typing import TYPE_CHECKING, AsyncIterator, Literal
+
+if TYPE_CHECKING:
+    from serving.engines.model_text import ModelText
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
@@ -114,6 +117,8 @@ class Engine(abc.ABC):
     model_name: str
     #: prompt tokens + max_new_tokens must not exceed this
     max_total_tokens: int
+    #: the base model's tokenizer, end-of-sequence ids and chat template
+    text: ModelText
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -123,17 +128,19 @@ class Engine(abc.ABC):
     async def stop(self) -> None:
         """Finish or cancel in-flight requests and release resources."""
 
-    @abc.abstractmethod
+    # Every engine tokenizes with the same ``ModelText``, so a request gives the same ids
+    # and the same text whichever engine runs it.
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for ``text`` (with BOS when the model uses one)."""
+        return self.text.tokenize(text, add_special_tokens)
 
-    @abc.abstractmethod
     def decode(self, ids: list[int]) -> str:
         """Text for ``ids``, special tokens skipped."""
+        return self.text.decode(ids)
 
-    @abc.abstractmethod
     def apply_chat_template(self, messages: list[dict]) -> str:
         """The prompt for a chat; a plain ``role: content`` fallback when the model has no template."""
+        return self.text.apply_chat_template(messages)
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:

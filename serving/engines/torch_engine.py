@@ -118,13 +118,13 @@ class TorchEngine(Engine):
         self._dtype = dtype
         self._device = torch.device(device)
         self._config = AutoConfig.from_pretrained(self._base_dir).get_text_config(decoder=True)
-        self._text = ModelText(self._base_dir, self._config)
-        self._tokenizer = self._text.tokenizer
+        self.text = ModelText(self._base_dir, self._config)
+        self._tokenizer = self.text.tokenizer
         model_limit = getattr(self._config, "max_position_embeddings", DEFAULT_MAX_TOTAL_TOKENS)
         self.max_total_tokens = max_total_tokens or min(model_limit, DEFAULT_MAX_TOTAL_TOKENS)
         #: generated tokens that end a generation (tokenizer and generation config)
-        self.eos_token_ids = self._text.eos_token_ids
-        self._special_ids = self._text.special_ids
+        self.eos_token_ids = self.text.eos_token_ids
+        self._special_ids = self.text.special_ids
         self._adapters: ResidentAdapters | None = None
         self._thread: threading.Thread | None = None
         # guards everything the event loop and the worker share: the fields below
@@ -161,20 +161,6 @@ class TorchEngine(Engine):
     def _load_model(self) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(self._base_dir, dtype=self._dtype)
         return model.to(self._device).eval()
-
-    # -- text ------------------------------------------------------------------------------
-
-    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids for ``text`` (with BOS when the model uses one)."""
-        return self._text.tokenize(text, add_special_tokens)
-
-    def decode(self, ids: list[int]) -> str:
-        """Text for ``ids``, special tokens skipped."""
-        return self._text.decode(ids)
-
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        """The prompt for a chat, ending where the assistant's reply starts (no doubled BOS)."""
-        return self._text.apply_chat_template(messages)
 
     # -- adapters --------------------------------------------------------------------------
 

@@ -243,12 +243,12 @@ class VllmEngine(Engine):
         self.model_name = model_name
         self._base_dir = Path(base_dir)
         config = AutoConfig.from_pretrained(self._base_dir).get_text_config(decoder=True)
-        self._text = ModelText(self._base_dir, config)
-        self._tokenizer = self._text.tokenizer
+        self.text = ModelText(self._base_dir, config)
+        self._tokenizer = self.text.tokenizer
         model_limit = getattr(config, "max_position_embeddings", DEFAULT_MAX_TOTAL_TOKENS)
         self.max_total_tokens = max_total_tokens or min(model_limit, DEFAULT_MAX_TOTAL_TOKENS)
-        self.eos_token_ids = self._text.eos_token_ids
-        self._special_ids = self._text.special_ids
+        self.eos_token_ids = self.text.eos_token_ids
+        self._special_ids = self.text.special_ids
         self.max_lora_rank = max_lora_rank
         self._max_queue = max_queue
         self._capacity = max_resident_adapters
@@ -321,20 +321,6 @@ class VllmEngine(Engine):
             client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), limits=limits)
             self._clients[id(loop)] = client
         return client
-
-    # -- text (ours, so every engine sees the same ids) ------------------------------------
-
-    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids for ``text`` (with BOS when the model uses one)."""
-        return self._text.tokenize(text, add_special_tokens)
-
-    def decode(self, ids: list[int]) -> str:
-        """Text for ``ids``, special tokens skipped."""
-        return self._text.decode(ids)
-
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        """The prompt for a chat, ending where the assistant's reply starts (no doubled BOS)."""
-        return self._text.apply_chat_template(messages)
 
     # -- adapters --------------------------------------------------------------------------
 
