@@ -519,7 +519,7 @@ def create_app(service: Service) -> FastAPI:
                 payload = openai.chat_response(request_id, model, text, result)
             else:
                 echo = prompt if getattr(body, "echo", False) else ""
-                payload = openai.completion_response(request_id, model, echo + text, result)
+                payload = openai.completion_response(request_id, model, echo + text, result, body)
             return JSONResponse(payload, headers=timing_headers(prepared, result, engine.model_name))
 
         def chunk(text: str | None, finish: str | None, role: bool = False) -> bytes:

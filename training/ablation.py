@@ -158,8 +158,12 @@ def parse_fractions(text: str) -> list[float]:
 # --- scoring an adapter in process -----------------------------------------------------------
 
 
-def generate_locally(task: Task, rows: list[dict], base_dir: Path, adapter_dir: Path | None) -> list[str]:
-    """Greedy student-prompt completions from the base (+ adapter) with transformers, cut at the task's stops."""
+def generate_locally(task: Task, rows: list[dict], base_dir: Path, adapter_dir: Path | None, batch_size: int = 16) -> list[str]:
+    """Greedy student-prompt completions from the base (+ adapter) with transformers, cut at the task's stops.
+
+    Prompts go in left-padded batches of ``batch_size`` (sorted by length so padding stays small);
+    outputs come back in the order of ``rows``.
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -169,16 +173,29 @@ def generate_locally(task: Task, rows: list[dict], base_dir: Path, adapter_dir: 
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
-    outputs = []
+    prompts = [tokenizer(task.student_prompt(row["inputs"])).input_ids for row in rows]
+    order = sorted(range(len(rows)), key=lambda index: len(prompts[index]))
+    outputs: list[str] = [""] * len(rows)
     with torch.no_grad():
-        for row in rows:
-            inputs = tokenizer(task.student_prompt(row["inputs"]), return_tensors="pt")
-            generated = model.generate(**inputs, max_new_tokens=task.generation.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            text = tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for stop in task.generation.stop:
-                if stop:
-                    text = text.split(stop)[0]
-            outputs.append(text)
+        for start in range(0, len(order), batch_size):
+            members = order[start : start + batch_size]
+            width = max(len(prompts[index]) for index in members)
+            ids = torch.full((len(members), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(members), width), dtype=torch.long)
+            for slot, index in enumerate(members):
+                length = len(prompts[index])
+                ids[slot, width - length :] = torch.tensor(prompts[index])
+                mask[slot, width - length :] = 1
+            generated = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=task.generation.max_new_tokens,
+                do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            )
+            for slot, index in enumerate(members):
+                text = tokenizer.decode(generated[slot, width:], skip_special_tokens=True)
+                for stop in task.generation.stop:
+                    if stop:
+                        text = text.split(stop)[0]
+                outputs[index] = text
     return outputs
 
 

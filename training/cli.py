@@ -17,7 +17,7 @@ _COMMON = {
     "--runs-dir": ("runs_dir", str, "where run directories live (default ./runs)"),
 }
 _DATA = {
-    "--source": ("data.source", str, "generator, a .jsonl/.csv file, or request-log:PATH"),
+    "--source": ("data.source", str, "generator, a .jsonl/.csv file, a saved HF datasets directory, or request-log:PATH"),
     "--train-size": ("data.train_size", int, "rows the task generator makes for training"),
     "--test-size": ("data.test_size", int, "held-out rows the task generator makes"),
     "--data-seed": ("data.seed", int, "seed of the generator and the split"),
@@ -40,6 +40,10 @@ _TRAIN = {
     "--seed": ("train.seed", int, "training seed"),
     "--save-every": ("train.save_every", int, "checkpoint every N steps"),
     "--log-every": ("train.log_every", int, "progress line every N steps"),
+    "--max-length": ("train.max_length", int, "longest prompt + completion in tokens (longer rows are skipped)"),
+    "--packing": ("train.packing", "switch", "on/off: pack each micro-batch into rows of up to --max-length tokens"),
+    "--kd-ratio": ("train.kd_ratio", float, "logit distillation weight r: (1-r)*CE + r*KL on the teacher's top-k (0: text only)"),
+    "--kd-top-k": ("train.kd_top_k", int, "teacher tokens per position for logit distillation (asked for while labelling)"),
     "--registry": ("registry", str, "adapter registry directory (default $STILLHOUSE_HOME/registry)"),
 }
 _TEACHER = {
@@ -53,11 +57,13 @@ _TEACHER = {
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="build and curate a run's dataset")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    build = data_commands.add_parser("build", help="read the source (task generator, JSONL, CSV, request log) into the run")
+    build = data_commands.add_parser("build", help="read the source (task generator, JSONL, CSV, HF datasets directory, request log) into the run")
     _add_flags(build, _COMMON, _DATA)
     build.set_defaults(handler=_build)
-    curate = data_commands.add_parser("curate", help="filter, dedup, split and balance; write the dataset card")
-    _add_flags(curate, _COMMON, _DATA, _CURATION)
+    curate = data_commands.add_parser(
+        "curate", help="filter, dedup, split, check teacher self-consistency, rank and balance; write the dataset card"
+    )
+    _add_flags(curate, _COMMON, _DATA, _CURATION, _TEACHER)
     curate.set_defaults(handler=_curate)
 
     label = subparsers.add_parser("label", help="label the run's rows with a teacher endpoint (resumable)")
@@ -107,7 +113,20 @@ def _add_flags(parser: argparse.ArgumentParser, *groups: dict) -> None:
     for group in groups:
         for flag, (field, kind, text) in group.items():
             metavar = flag.lstrip("-").replace("-", "_").upper()
-            parser.add_argument(flag, type=kind, default=None, dest=field.replace(".", "__"), metavar=metavar, help=text)
+            if kind == "switch":
+                parser.add_argument(flag, type=_switch, default=None, dest=field.replace(".", "__"), metavar="on|off", help=text)
+            else:
+                parser.add_argument(flag, type=kind, default=None, dest=field.replace(".", "__"), metavar=metavar, help=text)
+
+
+def _switch(text: str) -> bool:
+    """``on``/``off`` (also true/false, yes/no, 1/0) as a bool."""
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not on or off")
 
 
 def _config(args: argparse.Namespace):
@@ -159,7 +178,9 @@ def _curate(args: argparse.Namespace) -> int:
 
     def run():
         config = _config(args)
-        card = recipe.curate(config, load_task(config.task), recipe.stderr)
+        task = load_task(config.task)
+        recipe.prepare_curation(config, task, recipe.stderr)
+        card = recipe.curate(config, task, recipe.stderr)
         print(f"{config.run_dir / 'data' / 'card.md'}: train {card['splits']['train']['rows']} rows, test {card['splits']['test']['rows']} rows")
 
     return _run(run)
@@ -184,7 +205,8 @@ def _train(args: argparse.Namespace) -> int:
 
     def run():
         _, entry = recipe.train(_config(args), recipe.stderr)
-        print(entry.id)
+        if entry is not None:  # None on the non-main ranks of a data-parallel run
+            print(entry.id)
 
     return _run(run)
 

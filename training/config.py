@@ -36,7 +36,7 @@ class LogFilter(_Strict):
 class DataConfig(_Strict):
     """Where rows come from and how they are split."""
 
-    source: str = "generator"  # "generator" (the task's), a .jsonl / .csv file, or request-log:PATH
+    source: str = "generator"  # "generator" (the task's), a .jsonl / .csv file, a saved HF datasets directory, or request-log:PATH
     log_filter: LogFilter = Field(default_factory=LogFilter)
     output_field: str = "output"  # column holding the teacher's output, when the source has one
     gold_field: str = "label"  # column holding a gold label, when the source has one
@@ -47,8 +47,45 @@ class DataConfig(_Strict):
     seed: int = 0
 
 
+class SelfConsistencyConfig(_Strict):
+    """Ask the teacher ``samples`` times per training row; keep rows its answers agree on."""
+
+    samples: int = Field(5, ge=2)
+    temperature: float = Field(0.7, gt=0.0)  # sampling temperature of the extra answers
+    min_agreement: float = Field(0.6, gt=0.0, le=1.0)  # share of samples that must give the majority answer
+    relabel: bool = False  # replace an output that disagrees with a confident majority (else drop the row)
+
+
+class RankingConfig(_Strict):
+    """Score training rows (teacher log-probability or a judge endpoint) and keep the best fraction."""
+
+    by: Literal["teacher_logprob", "judge"] = "teacher_logprob"
+    keep_fraction: float = Field(0.8, gt=0.0, le=1.0)
+    per_token: bool = False  # teacher_logprob / len(teacher_tokens) (recorded when labelling with train.kd_ratio > 0)
+    judge: EndpointConfig | None = None  # the judge endpoint, when by is judge
+    judge_prompt: str | None = None  # template with {input} and {output}; the judge answers with a number
+
+    @model_validator(mode="after")
+    def _judge_settings(self) -> "RankingConfig":
+        problems = []
+        if self.by == "judge":
+            if self.judge is None:
+                problems.append("curation.ranking.judge is required when by is 'judge'; add judge: {url: URL} (the judge endpoint)")
+            if self.judge_prompt is None:
+                problems.append("curation.ranking.judge_prompt is required when by is 'judge'; add a template with {input} and {output}")
+        if self.judge_prompt is not None:
+            missing = [name for name in ("{input}", "{output}") if name not in self.judge_prompt]
+            if missing:
+                problems.append(f"curation.ranking.judge_prompt never uses {' and '.join(missing)}; add it to the template")
+        if self.per_token and self.by != "teacher_logprob":
+            problems.append("curation.ranking.per_token applies to by: teacher_logprob only; remove it or rank by teacher_logprob")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class CurationConfig(_Strict):
-    """Rule filters, near-duplicate removal and label balancing."""
+    """Rule filters, near-duplicate removal, teacher self-consistency, ranking and label balancing."""
 
     min_chars: int = Field(1, ge=0)
     max_chars: int = Field(2000, ge=1)
@@ -56,6 +93,8 @@ class CurationConfig(_Strict):
     dedup: bool = True
     dedup_threshold: float = Field(0.8, gt=0.0, le=1.0)  # estimated Jaccard of word 3-gram sets
     dedup_num_perm: int = Field(128, ge=16)
+    self_consistency: SelfConsistencyConfig | None = None  # None: off
+    ranking: RankingConfig | None = None  # None: off
     balance: bool = True
     max_label_ratio: float = Field(2.0, ge=1.0)  # cap each label at this multiple of the rarest
     max_per_label: int | None = Field(None, ge=1)
@@ -82,10 +121,21 @@ class TrainSettings(_Strict):
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_length: int = Field(256, ge=8)
+    packing: bool = False  # pack each micro-batch's rows into sequences of up to max_length tokens
     seed: int = 0
     save_every: int = Field(50, ge=1)
     log_every: int = Field(5, ge=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # Logit distillation: loss = (1 - kd_ratio) * CE + kd_ratio * KL(teacher || student) over the
+    # teacher's top kd_top_k tokens; 0 trains on the teacher's text alone (sequence-level).
+    kd_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    kd_top_k: int = Field(5, ge=0, le=20)  # teacher tokens asked for and used per position
+
+    @model_validator(mode="after")
+    def _kd(self) -> "TrainSettings":
+        if self.kd_ratio > 0 and self.kd_top_k < 1:
+            raise ValueError("train.kd_ratio > 0 needs train.kd_top_k >= 1; set kd_top_k (e.g. 5) or kd_ratio: 0")
+        return self
 
 
 class EndpointConfig(_Strict):
@@ -145,7 +195,9 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            if not isinstance(node.get(part), dict):
+                node[part] = {}  # absent, or saved as null (e.g. no teacher yet)
+            node = node[part]
         node[leaf] = value
     try:
         return RunConfig.model_validate(data)

@@ -1,25 +1,39 @@
-"""Curation: rule filters, near-duplicate removal and label balancing, each step accounted for.
+"""Curation: rule filters, near-duplicate removal, teacher self-consistency, ranking and label
+balancing, each step accounted for.
 
 Every step takes rows and returns a :class:`Step` with the rows kept and, for each row dropped,
-a stable reason code. :func:`curate` runs them in the order that keeps test rows out of
-training: filters → near-dedup over *all* rows (test rows win ties) → split → balance the
-training split. The steps become the dataset card (JSON and Markdown) of the run.
+a stable reason code. :func:`curate` runs them in this order:
+
+1. rule filter: cheap checks first, so no later step (or request) spends anything on bad rows;
+2. near-dedup over *all* rows (test rows win ties), before the split so no pair straddles it;
+3. split: a pure function of each row's input text;
+4. self-consistency (optional, training rows only): drops rows the teacher does not answer
+   consistently, and may relabel by majority vote, so that what is ranked next is final;
+5. ranking (optional, training rows only): keeps the best-scored fraction of what is left;
+6. balance (training rows only): caps labels last, on the rows that will actually be trained on.
+
+Test rows are never dropped after the split, so the evaluation set stays fixed. The steps that
+need a teacher or a judge read what the network stages (:mod:`training.consistency`) wrote into
+the rows (``teacher_samples``, ``judge_score``) and are pure. The steps become the dataset card
+(JSON and Markdown) of the run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasketch import MinHash, MinHashLSH
 
-from training.config import CurationConfig, DataConfig
-from training.dataset import assign_splits
+from training.config import CurationConfig, DataConfig, RankingConfig, SelfConsistencyConfig
+from training.dataset import DatasetError, assign_splits
 from training.task import Task
 
 
@@ -86,6 +100,95 @@ def split(rows: list[dict], task: Task, data: DataConfig) -> Step:
     return Step("split", {"test_fraction": data.test_fraction, "seed": data.seed, **{f"{k}_rows": v for k, v in sorted(counts.items())}}, assigned)
 
 
+def self_consistency(rows: list[dict], task: Task, config: SelfConsistencyConfig) -> Step:
+    """Keep training rows whose teacher samples (``teacher_samples``) agree with the row's output.
+
+    Each of the first ``config.samples`` samples that parses under the task's format votes: labels
+    by their canonical spelling, other formats by their stripped text; samples that do not parse
+    vote for nothing. The winner is the row's own output when it ties for the most votes, else
+    the most-voted answer (first sampled among equals). A row whose winner has fewer than
+    ``min_agreement`` × samples votes is dropped as ``inconsistent_teacher``; a row whose output
+    is not the winner is relabelled with ``relabel`` (listed in the step params), else dropped as
+    ``disagrees_with_vote``. A relabelled row's ``teacher_logprob`` scored the old output and is
+    removed (``teacher_tokens`` stay: training uses only their prefix shared with the output).
+    Training rows without enough samples are dropped as ``no_teacher_samples``.
+    """
+    train = [row for row in rows if row["split"] == "train"]
+    if train and not any(len(row.get("teacher_samples") or []) >= config.samples for row in train):
+        raise DatasetError(
+            f"curation.self_consistency needs {config.samples} teacher_samples per training row and no row has them; "
+            "sample the teacher first (set teacher.url and run `stillhouse data curate`, which samples before curating) "
+            "or remove curation.self_consistency"
+        )
+    params = {"samples": config.samples, "temperature": config.temperature, "min_agreement": config.min_agreement, "relabel": config.relabel}
+    step = Step("self_consistency", params, [])
+    relabelled = []
+    for row in rows:
+        if row["split"] != "train":
+            step.kept.append(row)
+            continue
+        samples = (row.get("teacher_samples") or [])[: config.samples]
+        if len(samples) < config.samples:
+            step.dropped.append((row, "no_teacher_samples"))
+            continue
+        votes: Counter = Counter()
+        for sample in samples:
+            parsed = task.parse(sample)
+            if parsed.code == "ok":
+                votes[_vote_key(task, sample, parsed.value)] += 1
+        own = _vote_key(task, row["output"], task.parse(row["output"]).value)
+        top = max(votes.values(), default=0)
+        winner = own if votes.get(own, 0) == top else next((key for key, count in votes.items() if count == top), None)
+        if winner is None or top < config.min_agreement * config.samples - 1e-9:
+            step.dropped.append((row, "inconsistent_teacher"))
+        elif winner == own:
+            step.kept.append(row)
+        elif config.relabel:
+            relabelled.append({"id": row["id"], "from": row["output"], "to": winner})
+            step.kept.append({key: value for key, value in row.items() if key != "teacher_logprob"} | {"output": winner})
+        else:
+            step.dropped.append((row, "disagrees_with_vote"))
+    if config.relabel:
+        step.params["relabelled"] = relabelled
+    return step
+
+
+def rank(rows: list[dict], config: RankingConfig) -> Step:
+    """Keep the best-scored ``keep_fraction`` of the training rows (test rows pass untouched).
+
+    The score is ``teacher_logprob`` (higher is better; divided by the answer's token count,
+    ``teacher_tokens``, with ``per_token``) or ``judge_score`` when it was given for the row's
+    current output. Training rows without a score are dropped as ``no_score``; of the n scored,
+    the top ``floor(keep_fraction × n)`` (at least one) are kept, equal scores ordered by row id,
+    and the rest dropped as ``below_threshold``. ``params.threshold`` is the lowest kept score.
+    """
+    train = [row for row in rows if row["split"] == "train"]
+    scores = {row["id"]: _score(row, config) for row in train}
+    field_name = {"judge": "judge_score", "teacher_logprob": "teacher_logprob"}[config.by] + (" and teacher_tokens" if config.per_token else "")
+    if train and all(score is None for score in scores.values()):
+        fix = (
+            "run `stillhouse data curate` with curation.ranking.judge set (it asks the judge before curating)"
+            if config.by == "judge"
+            else "label with a teacher that reports log-probabilities (`stillhouse label --relabel`; teacher_tokens need "
+            "train.kd_ratio > 0), or set curation.ranking.by: judge"
+        )
+        raise DatasetError(f"curation.ranking.by is {config.by!r} but no training row has a {field_name}; {fix}")
+    scored = sorted((row for row in train if scores[row["id"]] is not None), key=lambda row: (-scores[row["id"]], row["id"]))
+    keep_count = max(1, math.floor(round(config.keep_fraction * len(scored), 9))) if scored else 0
+    keep = {row["id"] for row in scored[:keep_count]}
+    params = {"by": config.by, "keep_fraction": config.keep_fraction, "scored_rows": len(scored)}
+    if config.by == "teacher_logprob":
+        params["per_token"] = config.per_token
+    params["threshold"] = scores[scored[keep_count - 1]["id"]] if scored else None
+    step = Step("ranking", params, [])
+    for row in rows:
+        if row["split"] != "train" or row["id"] in keep:
+            step.kept.append(row)
+        else:
+            step.dropped.append((row, "no_score" if scores[row["id"]] is None else "below_threshold"))
+    return step
+
+
 def balance(rows: list[dict], task: Task, config: CurationConfig, seed: int) -> Step:
     """Cap each training label at ``max_label_ratio`` × the rarest label's count (and ``max_per_label``).
 
@@ -117,17 +220,36 @@ def balance(rows: list[dict], task: Task, config: CurationConfig, seed: int) -> 
 def curate(rows: list[dict], task: Task, config: CurationConfig, data: DataConfig) -> tuple[list[dict], list[dict]]:
     """Run every enabled step; returns (curated rows with splits, one report per step)."""
     reports = []
-    steps = [lambda r: rule_filter(r, task, config)]
-    if config.dedup:
-        steps.append(lambda r: near_dedup(r, task, config.dedup_threshold, config.dedup_num_perm))
-    steps.append(lambda r: split(r, task, data))
-    if config.balance:
-        steps.append(lambda r: balance(r, task, config, data.seed))
-    for run_step in steps:
+    for _, run_step in enabled_steps(task, config, data):
         step = run_step(rows)
         reports.append(step.report(len(rows)))
         rows = step.kept
     return rows, reports
+
+
+def training_rows_before(step_name: str, rows: list[dict], task: Task, config: CurationConfig, data: DataConfig) -> list[dict]:
+    """The training rows as they reach step ``step_name`` of :func:`curate`: the rows a network
+    stage feeding that step (teacher samples, judge scores) needs to ask about, and no others."""
+    for name, run_step in enabled_steps(task, config, data):
+        if name == step_name:
+            break
+        rows = run_step(rows).kept
+    return [row for row in rows if row["split"] == "train"]
+
+
+def enabled_steps(task: Task, config: CurationConfig, data: DataConfig) -> list[tuple[str, Callable[[list[dict]], Step]]]:
+    """The enabled steps of :func:`curate`, in order, by name."""
+    steps: list[tuple[str, Callable[[list[dict]], Step]]] = [("rule_filter", lambda r: rule_filter(r, task, config))]
+    if config.dedup:
+        steps.append(("near_dedup", lambda r: near_dedup(r, task, config.dedup_threshold, config.dedup_num_perm)))
+    steps.append(("split", lambda r: split(r, task, data)))
+    if config.self_consistency is not None:
+        steps.append(("self_consistency", lambda r: self_consistency(r, task, config.self_consistency)))
+    if config.ranking is not None:
+        steps.append(("ranking", lambda r: rank(r, config.ranking)))
+    if config.balance:
+        steps.append(("balance", lambda r: balance(r, task, config, data.seed)))
+    return steps
 
 
 def dataset_card(task: Task, source: str, rows: list[dict], reports: list[dict], teacher: str) -> dict:
@@ -154,7 +276,7 @@ def card_markdown(card: dict) -> str:
     ]
     for report in card["steps"]:
         dropped = ", ".join(f"{reason}: {count}" for reason, count in report["dropped"].items()) or "—"
-        params = ", ".join(f"{key}={value}" for key, value in report["params"].items())
+        params = ", ".join(f"{key}={len(value) if isinstance(value, list) else value}" for key, value in report["params"].items())
         lines.append(f"| {report['step']} | {report['rows_in']} | {report['rows_out']} | {dropped} | {params} |")
     lines += ["", "| split | rows | outputs |", "|---|---|---|"]
     for name, split_card in card["splits"].items():
@@ -195,6 +317,22 @@ def _canonical_output(task: Task, output: str) -> str:
 
 def _label_key(task: Task, output: str | None) -> str:
     return str(output) if task.output.type == "labels" else "(free text)"
+
+
+def _vote_key(task: Task, text: str, value) -> str:
+    """What a self-consistency vote compares: the canonical label, else the stripped text."""
+    return value if task.output.type == "labels" and value is not None else (text or "").strip()
+
+
+def _score(row: dict, config: RankingConfig) -> float | None:
+    if config.by == "judge":
+        scored_output = row.get("judge_output")
+        return row.get("judge_score") if scored_output is not None and scored_output == row["output"] else None
+    logprob = row.get("teacher_logprob")
+    if logprob is None or not config.per_token:
+        return logprob
+    tokens = row.get("teacher_tokens") or []
+    return logprob / len(tokens) if tokens else None
 
 
 def _minhash(text: str, num_perm: int) -> MinHash:

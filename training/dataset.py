@@ -3,7 +3,8 @@
 A row is a dict ``{id, inputs: {field: text}, output, gold, split}``; ``output`` is what the
 student learns (the teacher's answer), ``gold`` what evaluation scores against, ``split`` is
 ``train`` / ``test`` when the source fixes it (the demo generator's held-out vocabulary) and
-None otherwise. Rows come from the task's generator, JSONL or CSV files, or the request log.
+None otherwise. Rows come from the task's generator, JSONL or CSV files, a local HF ``datasets``
+directory (``save_to_disk``), or the request log.
 Splits are a pure function of each row's input text, so adding rows never moves old ones.
 """
 
@@ -36,8 +37,10 @@ def load_rows(task: Task, data: DataConfig) -> list[dict]:
     if source.startswith("request-log:"):
         return _logged_rows(task, data, Path(source.removeprefix("request-log:")).expanduser())
     path = Path(source).expanduser()
+    if path.is_dir():
+        return _saved_dataset_rows(task, data, path)
     if not path.is_file():
-        raise DatasetError(f"data.source {source!r}: no such file; pass a .jsonl or .csv file, or 'generator'")
+        raise DatasetError(f"data.source {source!r}: no such file; pass a .jsonl or .csv file, a saved HF datasets directory, or 'generator'")
     if path.suffix == ".jsonl":
         records = _read_jsonl(path)
     elif path.suffix == ".csv":
@@ -96,6 +99,42 @@ def _row_from_record(task: Task, data: DataConfig, record: dict, fallback_id: st
         output = gold
     split = record.get("split") if record.get("split") in SPLITS else None
     return {"id": str(record.get("id") or fallback_id), "inputs": inputs, "output": output, "gold": gold, "split": split}
+
+
+def _saved_dataset_rows(task: Task, data: DataConfig, path: Path) -> list[dict]:
+    """Rows of a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``.
+
+    A DatasetDict's ``train`` and ``test`` splits fix each row's split; rows of other splits (and of
+    a plain Dataset without a ``split`` column) are split by hash like file sources.
+    """
+    if not (path / "dataset_dict.json").is_file() and not (path / "state.json").is_file():
+        raise DatasetError(
+            f"data.source {data.source!r}: a directory but not a saved HF dataset (no dataset_dict.json or state.json); "
+            "pass a directory written by Dataset.save_to_disk / DatasetDict.save_to_disk, or a .jsonl / .csv file"
+        )
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise DatasetError(f"data.source {data.source!r}: cannot load the saved dataset ({error}); save it again with save_to_disk") from None
+    parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    rows = []
+    for split_name, part in parts:
+        missing = [field for field in task.input_fields if field not in part.column_names]
+        if missing:
+            where = f"split {split_name!r}" if split_name else "the dataset"
+            raise DatasetError(
+                f"data.source {data.source!r}: {where} has no column {missing[0]!r} (columns: {', '.join(part.column_names)}); "
+                "rename the column to the task's input field (dataset.rename_column) or use a task whose input_fields match"
+            )
+        prefix = f"{path.name}/{split_name}" if split_name else path.name
+        for index, record in enumerate(part):
+            row = _row_from_record(task, data, record, f"{prefix}:{index}")
+            if split_name in SPLITS:
+                row["split"] = split_name
+            rows.append(row)
+    return rows
 
 
 def _logged_rows(task: Task, data: DataConfig, path: Path) -> list[dict]:

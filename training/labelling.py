@@ -1,9 +1,15 @@
 """Teacher labelling: run the teacher's prompt over rows and record its answers as outputs.
 
-Answers go to an append-only JSONL cache keyed by (teacher, prompt, generation settings), each
-line flushed as it arrives, so an interrupted run resumes where it stopped and a re-run costs
-nothing. A row whose request fails for good keeps ``output`` None with ``label_error`` set;
-curation then drops it as ``missing_output``.
+Answers go to an append-only JSONL cache keyed by (teacher, prompt, generation settings, and the
+top-k asked for, if any), each line flushed as it arrives, so an interrupted run resumes where it
+stopped and a re-run costs nothing. A row whose request fails for good keeps ``output`` None with
+``label_error`` set; curation then drops it as ``missing_output``.
+
+Each labelled row records ``teacher_logprob`` (the summed log-probability of the teacher's
+generated tokens) and ``teacher_tokens`` (their ids) when the endpoint reports them (LoRAX
+always; OpenAI ids only with top-k). Asked for ``top_k`` > 0 (logit distillation), rows also get
+``teacher_top_logprobs``: per generated token, the teacher's ``top_k`` most likely
+``[id, logprob]`` pairs, best first.
 """
 
 from __future__ import annotations
@@ -29,27 +35,45 @@ class LabellingReport:
     mean_prompt_tokens: float
 
 
-def label(rows: list[dict], task: Task, teacher: Endpoint, cache_path: Path, *, relabel: bool = False) -> tuple[list[dict], LabellingReport]:
-    """Rows with ``output`` set to the teacher's answer (rows that have one are kept unless ``relabel``)."""
+#: what a teacher's answer adds to a row besides ``output``; a new answer replaces all of them
+TEACHER_FIELDS = ("teacher", "teacher_logprob", "teacher_tokens", "teacher_top_logprobs", "label_error")
+
+
+def label(
+    rows: list[dict], task: Task, teacher: Endpoint, cache_path: Path, *, relabel: bool = False, top_k: int = 0
+) -> tuple[list[dict], LabellingReport]:
+    """Rows with ``output`` set to the teacher's answer (rows that have one are kept unless ``relabel``).
+
+    With ``top_k`` > 0, rows without the teacher's top-k (``teacher_top_logprobs``) are asked too.
+    """
     cache = _read_cache(cache_path)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
-    todo = [row for row in rows if relabel or row.get("output") is None]
-    cached = sum(1 for row in todo if _key(teacher, task, row) in cache)
+    todo = [
+        row for row in rows
+        if relabel or row.get("output") is None or (top_k and row.get("teacher_top_logprobs") is None)
+    ]
+    cached = sum(1 for row in todo if _key(teacher, task, row, top_k) in cache)
 
     with cache_path.open("a") as sink:
         if cache_path.stat().st_size and not cache_path.read_bytes().endswith(b"\n"):
             sink.write("\n")  # end a torn line so the next entry starts clean
 
         def ask(row: dict) -> dict:
-            key = _key(teacher, task, row)
+            key = _key(teacher, task, row, top_k)
             if key in cache:
                 return cache[key]
             try:
-                completion = teacher.complete(task.teacher_prompt(row["inputs"]), task.generation)
+                completion = teacher.complete(task.teacher_prompt(row["inputs"]), task.generation, top_k=top_k)
             except EndpointError as error:
                 return {"key": key, "error": str(error)}
             entry = {"key": key, "text": completion.text, "prompt_tokens": completion.prompt_tokens}
+            if completion.logprob is not None:
+                entry["logprob"] = completion.logprob
+            if completion.token_ids:
+                entry["tokens"] = list(completion.token_ids)
+            if top_k:
+                entry["top_logprobs"] = [[[i, v] for i, v in top.items()] for top in completion.top_logprobs]
             with lock:
                 sink.write(json.dumps(entry) + "\n")
                 sink.flush()
@@ -62,18 +86,31 @@ def label(rows: list[dict], task: Task, teacher: Endpoint, cache_path: Path, *, 
         answer = answers.get(row["id"])
         if answer is None:
             labelled.append(row)
-        elif "error" in answer:
+            continue
+        fresh = {name: value for name, value in row.items() if name not in TEACHER_FIELDS}
+        if "error" in answer:
             failed += 1
-            labelled.append({**row, "output": None, "label_error": answer["error"]})
-        else:
-            prompt_tokens.append(answer["prompt_tokens"])
-            labelled.append({**row, "output": answer["text"].strip(), "teacher": teacher.identity})
+            labelled.append({**fresh, "output": None, "label_error": answer["error"]})
+            continue
+        prompt_tokens.append(answer["prompt_tokens"])
+        fresh.update(output=answer["text"].strip(), teacher=teacher.identity)
+        if "logprob" in answer:
+            fresh["teacher_logprob"] = answer["logprob"]
+        if "tokens" in answer:
+            fresh["teacher_tokens"] = answer["tokens"]
+        if top_k:
+            fresh["teacher_top_logprobs"] = answer["top_logprobs"]
+        labelled.append(fresh)
     mean_tokens = sum(prompt_tokens) / len(prompt_tokens) if prompt_tokens else 0.0
     return labelled, LabellingReport(len(rows), cached, len(todo) - cached, failed, mean_tokens)
 
 
-def _key(teacher: Endpoint, task: Task, row: dict) -> str:
-    payload = json.dumps([teacher.identity, task.teacher_prompt(row["inputs"]), task.generation.model_dump()], sort_keys=True)
+def _key(teacher: Endpoint, task: Task, row: dict, top_k: int) -> str:
+    """The cache key; ``top_k`` joins it only when asked for, so plain answers keep their keys."""
+    parts = [teacher.identity, task.teacher_prompt(row["inputs"]), task.generation.model_dump()]
+    if top_k:
+        parts.append({"top_k": top_k})
+    payload = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -2,13 +2,14 @@
 
 ``runs/<name>/``
     ``config.json``            the resolved run config
-    ``data/rows.jsonl``        rows as built from the source (labelled in place by the teacher)
+    ``data/rows.jsonl``        rows as built from the source (labelled, sampled and judged in place)
+    ``data/*_cache.jsonl``     teacher answers, self-consistency samples and judge scores (resumable)
     ``data/{train,test}.jsonl``, ``data/card.{json,md}``   curated splits and their dataset card
     ``train/``                 checkpoints, ``loss.{json,csv}``, ``adapter/``
     ``eval/``                  one JSON per evaluated endpoint, ``report.md``
     ``run.json``               the registered adapter id and its lineage
 
-Setup → run → report: build → (label) → curate → train → register → evaluate.
+Setup → run → report: build → (label) → (sample teacher, judge) → curate → train → register → evaluate.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 
 from serving import base_models
 from serving.registry import AdapterEntry, Registry, default_registry_dir
-from training import curation, dataset, trainer
-from training.config import EndpointConfig, RunConfig
+from training import consistency, curation, dataset, distributed, trainer
+from training.config import ConfigError, EndpointConfig, RunConfig
 from training.endpoint import Endpoint
 from training.evaluation import EvalReport, evaluate, report_markdown
 from training.labelling import LabellingReport, label
@@ -43,18 +44,67 @@ def build(config: RunConfig, task: Task, say: Say) -> list[dict]:
 
 
 def label_rows(config: RunConfig, task: Task, teacher: EndpointConfig, say: Say, relabel: bool = False) -> LabellingReport:
-    """Ask the teacher for every row without an output (all rows with ``relabel``); rewrite ``rows.jsonl``."""
+    """Ask the teacher for every row without an output (all rows with ``relabel``); rewrite ``rows.jsonl``.
+
+    With logit distillation (``train.kd_ratio`` > 0) the teacher's top ``train.kd_top_k`` tokens
+    per generated position are asked for as well.
+    """
     path = _data_dir(config) / "rows.jsonl"
     rows = dataset.read_jsonl(path)
-    labelled, report = label(rows, task, Endpoint(teacher), _data_dir(config) / "teacher_cache.jsonl", relabel=relabel)
+    top_k = config.train.kd_top_k if config.train.kd_ratio > 0 else 0
+    cache = _data_dir(config) / "teacher_cache.jsonl"
+    labelled, report = label(rows, task, Endpoint(teacher), cache, relabel=relabel, top_k=top_k)
     dataset.write_jsonl(path, labelled)
     say(f"labelled {report.rows} rows: {report.cached} from the cache, {report.requested} asked, "
         f"{report.failed} failed, {report.mean_prompt_tokens:.1f} prompt tokens per request")
     return report
 
 
+def prepare_curation(config: RunConfig, task: Task, say: Say) -> None:
+    """The network stages the configured curation steps read: teacher samples, then judge scores."""
+    if config.curation.self_consistency is not None:
+        if config.teacher is None:
+            raise ConfigError("curation.self_consistency samples the teacher: set teacher.url (or pass --teacher-url), or remove curation.self_consistency")
+        sample_teacher(config, task, config.teacher, say)
+    if config.curation.ranking is not None and config.curation.ranking.by == "judge":
+        judge_rows(config, task, say)
+
+
+def sample_teacher(config: RunConfig, task: Task, teacher: EndpointConfig, say: Say) -> consistency.StageReport:
+    """Record ``curation.self_consistency.samples`` teacher answers on every row that reaches that step."""
+    settings = config.curation.self_consistency
+    path = _data_dir(config) / "rows.jsonl"
+    rows = dataset.read_jsonl(path)
+    candidates = curation.training_rows_before("self_consistency", rows, task, config.curation, config.data)
+    sampled, report = consistency.sample_teacher(
+        rows, task, Endpoint(teacher), settings, _data_dir(config) / "samples_cache.jsonl", {row["id"] for row in candidates}
+    )
+    dataset.write_jsonl(path, sampled)
+    say(f"sampled the teacher {settings.samples}x at temperature {settings.temperature} on {report.rows} training rows: "
+        f"{report.cached} answers from the cache, {report.requested} asked, {report.failed} rows failed")
+    return report
+
+
+def judge_rows(config: RunConfig, task: Task, say: Say) -> consistency.StageReport:
+    """Record the judge's score of every row's output as it reaches the ranking step."""
+    ranking = config.curation.ranking
+    path = _data_dir(config) / "rows.jsonl"
+    rows = dataset.read_jsonl(path)
+    candidates = curation.training_rows_before("ranking", rows, task, config.curation, config.data)
+    judged, report = consistency.judge(
+        rows, task, Endpoint(ranking.judge), ranking.judge_prompt, _data_dir(config) / "judge_cache.jsonl",
+        {row["id"]: row["output"] for row in candidates},
+    )
+    dataset.write_jsonl(path, judged)
+    say(f"judged {report.rows} training rows: {report.cached} from the cache, {report.requested} asked, {report.failed} without a score")
+    return report
+
+
 def curate(config: RunConfig, task: Task, say: Say) -> dict:
-    """Filter, dedup, split and balance ``rows.jsonl`` into ``train.jsonl`` / ``test.jsonl`` and the card."""
+    """Run the curation steps on ``rows.jsonl`` into ``train.jsonl`` / ``test.jsonl`` and the card.
+
+    Self-consistency and judge ranking read what :func:`prepare_curation` recorded in the rows.
+    """
     data_dir = _data_dir(config)
     rows = dataset.read_jsonl(data_dir / "rows.jsonl")
     curated, reports = curation.curate(rows, task, config.curation, config.data)
@@ -64,12 +114,16 @@ def curate(config: RunConfig, task: Task, say: Say) -> dict:
     curation.write_card(data_dir, card)
     for report in reports:
         dropped = ", ".join(f"{reason} {count}" for reason, count in report["dropped"].items()) or "none dropped"
-        say(f"{report['step']}: {report['rows_in']} → {report['rows_out']} ({dropped})")
+        relabelled = f", {len(report['params']['relabelled'])} relabelled by vote" if "relabelled" in report["params"] else ""
+        say(f"{report['step']}: {report['rows_in']} → {report['rows_out']} ({dropped}{relabelled})")
     return card
 
 
-def train(config: RunConfig, say: Say, on_step: Callable[[int], None] | None = None) -> tuple[trainer.TrainResult, AdapterEntry]:
-    """Train on the curated training split (building and curating it first when absent) and register the adapter."""
+def train(config: RunConfig, say: Say, on_step: Callable[[int], None] | None = None) -> tuple[trainer.TrainResult, AdapterEntry | None]:
+    """Train on the curated training split (building and curating it first when absent) and register the adapter.
+
+    Launched data-parallel, only rank 0 builds the data and registers; the other ranks return no entry.
+    """
     # --- setup: task, base, servability, data
     task = load_task(config.task)
     base_dir = base_models.provision(config.base)
@@ -78,12 +132,15 @@ def train(config: RunConfig, say: Say, on_step: Callable[[int], None] | None = N
     if violations:
         raise trainer.NotServableConfigError(config.lora.profile, violations)
     data_dir = _data_dir(config)
-    if not (data_dir / "card.json").is_file():
-        build(config, task, say)
-        if config.teacher is not None:
-            label_rows(config, task, config.teacher, say)
-        curate(config, task, say)
-    _write_config(config)
+    if distributed.is_main():
+        if not (data_dir / "card.json").is_file():
+            build(config, task, say)
+            if config.teacher is not None:
+                label_rows(config, task, config.teacher, say)
+            prepare_curation(config, task, say)
+            curate(config, task, say)
+        _write_config(config)
+    distributed.barrier()
     rows = dataset.read_jsonl(data_dir / "train.jsonl")
     card = json.loads((data_dir / "card.json").read_text())
 
@@ -91,6 +148,8 @@ def train(config: RunConfig, say: Say, on_step: Callable[[int], None] | None = N
     result = trainer.train(rows, task, base_dir, config.lora, config.train, config.run_dir / "train", say=say, on_step=on_step)
 
     # --- report: register with lineage
+    if not distributed.is_main():
+        return result, None
     lineage = {
         "task": task.name,
         "task_sha256": hashlib.sha256(task.model_dump_json().encode()).hexdigest(),

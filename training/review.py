@@ -80,13 +80,7 @@ def disagreements(student: list[dict], teacher: list[dict]) -> list[dict]:
 
 def curation_trace(rows: list[dict], task: Task, config: RunConfig) -> tuple[dict[str, dict], str]:
     """Replay the run's curation: per row id, the steps survived and where/why it was dropped; plus the curated sha256."""
-    cur, data = config.curation, config.data
-    steps = [("rule_filter", lambda r: curation.rule_filter(r, task, cur))]
-    if cur.dedup:
-        steps.append(("near_dedup", lambda r: curation.near_dedup(r, task, cur.dedup_threshold, cur.dedup_num_perm)))
-    steps.append(("split", lambda r: curation.split(r, task, data)))
-    if cur.balance:
-        steps.append(("balance", lambda r: curation.balance(r, task, cur, data.seed)))
+    steps = curation.enabled_steps(task, config.curation, config.data)
     trace = {row["id"]: {"survived": [], "dropped_at": None, "reason": None, "split": None} for row in rows}
     current = rows
     for name, run_step in steps:

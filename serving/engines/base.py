@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
+#: the most alternatives a request may ask for per generated token (LoRAX
+#: ``return_k_alternatives``, OpenAI ``logprobs``); vLLM's default ``max_logprobs``
+MAX_ALTERNATIVES = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -40,6 +44,9 @@ class SamplingParams:
     ignore_eos_token: bool = False
     # Log-probabilities of the prompt tokens (LoRAX ``decoder_input_details``).
     prefill_logprobs: bool = False
+    # The k most likely tokens at each generated position (LoRAX ``return_k_alternatives``,
+    # OpenAI ``logprobs``); None asks for none, 0 for an empty list per token.
+    alternatives: int | None = None
 
     @property
     def sampling(self) -> bool:
@@ -70,11 +77,26 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class Alternative:
+    """One of the most likely tokens at a generated position.
+
+    ``logprob`` comes from the same distribution as the chosen token's (after the repetition
+    penalty and, when sampling, temperature and filters); ``text`` is the token on its own.
+    """
+
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
 class TokenInfo:
     id: int
     text: str  # this token's share of the decoded text (may be "" mid UTF-8 sequence)
     logprob: float
     special: bool
+    # the most likely tokens, best first, when the request asked for them (else None)
+    alternatives: tuple[Alternative, ...] | None = None
 
 
 @dataclass(frozen=True)

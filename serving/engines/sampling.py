@@ -93,10 +93,31 @@ def choose_token(
 
     Greedy (argmax) unless ``params.sampling``; sampling draws from ``generator`` only.
     """
+    token, logprob, _ = choose_token_with_alternatives(logits, params, seen, generator, 0)
+    return token, logprob
+
+
+def choose_token_with_alternatives(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor | None,
+    generator: torch.Generator | None,
+    k: int,
+) -> tuple[int, float, list[tuple[int, float]]]:
+    """``choose_token`` plus the ``k`` most likely ``(id, logprob)`` pairs, best first.
+
+    The alternatives come from the very distribution the chosen token's log-probability is
+    read from, so the chosen token, when among them, carries the same value. Tokens a
+    sampling filter removed (log-probability -inf) are never alternatives.
+    """
     processed = process(logits.float(), params, seen)
     log_probs = torch.log_softmax(processed, dim=-1)
     if params.sampling:
         token = int(torch.multinomial(log_probs.exp(), 1, generator=generator))
     else:
         token = int(torch.argmax(processed))
-    return token, float(log_probs[token])
+    alternatives: list[tuple[int, float]] = []
+    if k > 0:
+        values, ids = torch.topk(log_probs, min(k, log_probs.shape[-1]))
+        alternatives = [(i, v) for i, v in zip(ids.tolist(), values.tolist()) if v != FILTERED]
+    return token, float(log_probs[token]), alternatives

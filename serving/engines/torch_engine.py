@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicCache
 
 from serving.engines.base import (
     AdapterRef,
+    Alternative,
     Engine,
     Event,
     FinishReason,
@@ -38,7 +39,7 @@ from serving.engines.base import (
 from serving.engines.detokenizer import IncrementalDetokenizer
 from serving.engines.model_text import ModelText
 from serving.engines.resident_adapters import ResidentAdapters
-from serving.engines.sampling import choose_token
+from serving.engines.sampling import choose_token_with_alternatives
 from serving.errors import (
     GenerationError,
     IncompleteGenerationError,
@@ -331,25 +332,25 @@ class TorchEngine(Engine):
             )
         return output.logits[0].float()
 
+    def _token_text(self, token_id: int) -> str:
+        """One token's text on its own, special tokens included."""
+        return self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
     def _prefill_tokens(self, prompt_ids: list[int], logits: torch.Tensor) -> list[PrefillToken]:
         log_probs = torch.log_softmax(logits[:-1], dim=-1)
         targets = torch.tensor(prompt_ids[1:], device=log_probs.device)
         scores = [None] + log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()
         return [
-            PrefillToken(
-                id=token_id,
-                text=self._tokenizer.decode(
-                    [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
-                ),
-                logprob=score,
-            )
+            PrefillToken(id=token_id, text=self._token_text(token_id), logprob=score)
             for token_id, score in zip(prompt_ids, scores)
         ]
 
     def _emit(self, sequence: _Sequence, logits: torch.Tensor) -> None:
         """Choose the next token, stream it, and finish the sequence when a stop condition holds."""
         params = sequence.request.params
-        token_id, logprob = choose_token(logits, params, sequence.seen, sequence.generator)
+        token_id, logprob, ranked = choose_token_with_alternatives(
+            logits, params, sequence.seen, sequence.generator, params.alternatives or 0
+        )
         sequence.generated.append(token_id)
         if sequence.seen is not None:
             sequence.seen[token_id] = True
@@ -360,7 +361,12 @@ class TorchEngine(Engine):
             tail = sequence.detokenizer.flush()
             text += tail
             sequence.text += tail
-        token = TokenInfo(id=token_id, text=text, logprob=logprob, special=token_id in self._special_ids)
+        alternatives = None
+        if params.alternatives is not None:
+            alternatives = tuple(Alternative(id=i, text=self._token_text(i), logprob=score) for i, score in ranked)
+        token = TokenInfo(
+            id=token_id, text=text, logprob=logprob, special=token_id in self._special_ids, alternatives=alternatives
+        )
         sequence.tokens.append(token)
         now = time.perf_counter()
         sequence.first_token_at = sequence.first_token_at or now

@@ -32,6 +32,7 @@ from transformers import AutoConfig
 
 from serving.engines.base import (
     AdapterRef,
+    Alternative,
     Engine,
     Event,
     FinishReason,
@@ -439,7 +440,8 @@ class VllmEngine(Engine):
             "prompt": request.prompt_ids,
             "max_tokens": params.max_new_tokens,
             "stream": True,
-            "logprobs": 1,
+            # the chosen token's logprob, plus the alternatives the request asked for
+            "logprobs": max(1, params.alternatives or 0),
             "return_tokens_as_token_ids": True,
             "skip_special_tokens": False,
             "ignore_eos": params.ignore_eos_token,
@@ -499,6 +501,7 @@ class VllmEngine(Engine):
                     logprobs = choice.get("logprobs") or {}
                     ids = [int(t.rsplit(":", 1)[-1]) for t in logprobs.get("tokens") or []]
                     scores = logprobs.get("token_logprobs") or [None] * len(ids)
+                    tops = logprobs.get("top_logprobs") or [None] * len(ids)
                     for i, (token_id, score) in enumerate(zip(ids, scores)):
                         generated.append(token_id)
                         piece = detokenizer.push(token_id)
@@ -513,7 +516,13 @@ class VllmEngine(Engine):
                             text += tail
                         first_token_at = first_token_at or time.perf_counter()
                         logprob = float(score) if score is not None else float("nan")
-                        token = TokenInfo(id=token_id, text=piece, logprob=logprob, special=token_id in self._special_ids)
+                        token = TokenInfo(
+                            id=token_id,
+                            text=piece,
+                            logprob=logprob,
+                            special=token_id in self._special_ids,
+                            alternatives=self._alternatives(tops[i] if i < len(tops) else None, params.alternatives),
+                        )
                         tokens.append(token)
                         yield TokenEvent(token)
                         if finish is not None:
@@ -537,6 +546,20 @@ class VllmEngine(Engine):
             time_to_first_token_s=(first_token_at or now) - enqueued,
             total_time_s=now - enqueued,
         )
+
+    def _alternatives(self, top: dict | None, k: int | None) -> tuple[Alternative, ...] | None:
+        """The ``k`` best of vLLM's ``{"token_id:<id>": logprob}`` (which also holds the chosen token)."""
+        if k is None:
+            return None
+        ranked = sorted(((int(key.rsplit(":", 1)[-1]), float(value)) for key, value in (top or {}).items()), key=lambda p: -p[1])
+        return tuple(
+            Alternative(id=token_id, text=self._token_text(token_id), logprob=logprob)
+            for token_id, logprob in ranked[:k]
+            if logprob != float("-inf")
+        )
+
+    def _token_text(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _finish_reason(self, params, generated: list[int], token_id: int, text: str, piece: str) -> FinishReason | None:
         """The torch engine's stop rules, applied to our own text so both engines stop alike."""

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serving.engines.base import GenerationResult, PrefillToken, SamplingParams, TokenInfo
+from serving.engines.base import MAX_ALTERNATIVES, GenerationResult, PrefillToken, SamplingParams, TokenInfo
 from serving.errors import ValidationError
 
 
@@ -67,7 +67,10 @@ class GenerateParameters(BaseModel):
             "frequency_penalty": (bool(self.frequency_penalty), "use repetition_penalty"),
             "presence_penalty": (bool(self.presence_penalty), "use repetition_penalty"),
             "watermark": (self.watermark, "leave watermark false"),
-            "return_k_alternatives": (bool(self.return_k_alternatives), "leave it out"),
+            "return_k_alternatives": (
+                self.return_k_alternatives is not None and not 0 <= self.return_k_alternatives <= MAX_ALTERNATIVES,
+                f"send an integer from 1 to {MAX_ALTERNATIVES} (given {self.return_k_alternatives}), or leave it out",
+            ),
             "response_format": (self.response_format is not None, "leave it out; constrain output with stop sequences"),
             "adapter_source": (
                 self.adapter_source not in (None, "hub", "local"),
@@ -109,6 +112,7 @@ def sampling_params(parameters: GenerateParameters, max_new_tokens: int) -> Samp
         stop=tuple(parameters.stop),
         ignore_eos_token=parameters.ignore_eos_token,
         prefill_logprobs=parameters.decoder_input_details,
+        alternatives=parameters.return_k_alternatives or None,
     )
 
 
@@ -120,7 +124,10 @@ def check_stop_count(parameters: GenerateParameters, max_stop_sequences: int) ->
 
 
 def token_json(token: TokenInfo) -> dict:
-    return {"id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special, "skipped": False}
+    body = {"id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special, "skipped": False}
+    if token.alternatives is not None:  # LoRAX omits the key when none were asked for
+        body["alternative_tokens"] = [{"id": a.id, "text": a.text, "logprob": a.logprob} for a in token.alternatives]
+    return body
 
 
 def prefill_json(token: PrefillToken) -> dict:

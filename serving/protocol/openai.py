@@ -7,13 +7,14 @@ default to 16 new tokens. Stop sequences are not part of the returned text.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serving.engines.base import GenerationResult, SamplingParams
+from serving.engines.base import MAX_ALTERNATIVES, GenerationResult, SamplingParams
 
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 
@@ -86,6 +87,8 @@ class CompletionRequest(_Common):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+    # vLLM's extension: name tokens "token_id:<id>" in ``logprobs`` (token texts can collide).
+    return_tokens_as_token_ids: bool = False
 
     def _unsupported_extra(self) -> dict:
         return {
@@ -93,13 +96,27 @@ class CompletionRequest(_Common):
                 isinstance(self.prompt, list) and len(self.prompt) != 1,
                 "send one prompt string per request",
             ),
-            "logprobs": (self.logprobs is not None, "leave it out; the LoRAX API returns per-token logprobs"),
+            "logprobs": (
+                self.logprobs is not None and not 0 <= self.logprobs <= MAX_ALTERNATIVES,
+                f"send an integer from 0 to {MAX_ALTERNATIVES} (given {self.logprobs}), or leave it out",
+            ),
+            "logprobs with stream": (
+                self.logprobs is not None and self.stream,
+                "send stream=false to get logprobs, or leave logprobs out",
+            ),
+            "logprobs with echo": (
+                self.logprobs is not None and self.echo,
+                "send echo=false to get logprobs (prompt logprobs come from the LoRAX API's decoder_input_details)",
+            ),
             "best_of": (self.best_of not in (None, 1), "leave it out"),
             "suffix": (self.suffix is not None, "leave it out"),
         }
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+        return dataclasses.replace(super().sampling_params(max_new_tokens), alternatives=self.logprobs)
 
 
 class ChatMessage(BaseModel):
@@ -133,7 +150,10 @@ class ChatCompletionRequest(_Common):
 
     def _unsupported_extra(self) -> dict:
         return {
-            "logprobs": (self.logprobs or bool(self.top_logprobs), "leave it out; the LoRAX API returns per-token logprobs"),
+            "logprobs": (
+                self.logprobs or bool(self.top_logprobs),
+                "leave it out; /v1/completions `logprobs` and the LoRAX API return per-token logprobs",
+            ),
             "response_format": (
                 self.response_format not in (None, {"type": "text"}),
                 "leave it out; constrain output with stop sequences",
@@ -174,15 +194,47 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def completion_response(request_id: str, model: str, text: str, result: GenerationResult) -> dict:
+def completion_response(
+    request_id: str, model: str, text: str, result: GenerationResult, request: CompletionRequest | None = None
+) -> dict:
+    logprobs = None
+    if request is not None and request.logprobs is not None:
+        logprobs = completion_logprobs(result, request.return_tokens_as_token_ids)
     return {
         "id": request_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": FINISH_REASONS[result.finish_reason]}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": FINISH_REASONS[result.finish_reason]}],
         "usage": usage(result),
     }
+
+
+def completion_logprobs(result: GenerationResult, tokens_as_ids: bool) -> dict:
+    """Legacy completions ``logprobs``: each generated token, its logprob, the top alternatives, offsets.
+
+    As OpenAI and vLLM do, ``top_logprobs[i]`` holds the requested most likely tokens, best first,
+    plus the chosen token when it is not among them. Tokens are named by their text, or
+    ``token_id:<id>`` with ``tokens_as_ids``; the first of two alternatives with the same
+    text wins. Every generated token is listed, including any cut from ``text`` by a stop sequence.
+    """
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    offset = 0
+    for token in result.tokens:
+        name = f"token_id:{token.id}" if tokens_as_ids else token.text
+        top: dict[str, float] = {}
+        for alternative in token.alternatives or ():
+            key = name if alternative.id == token.id else (
+                f"token_id:{alternative.id}" if tokens_as_ids else alternative.text
+            )
+            top.setdefault(key, alternative.logprob)
+        top.setdefault(name, token.logprob)
+        tokens.append(name)
+        token_logprobs.append(token.logprob)
+        top_logprobs.append(top)
+        text_offset.append(offset)
+        offset += len(token.text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
 
 
 def completion_chunk(request_id: str, model: str, text: str, finish_reason: str | None) -> dict:

@@ -89,3 +89,18 @@ def test_ablate_refuses_a_non_servable_config_before_building_data(tmp_path, tin
     monkeypatch.chdir(tmp_path)
     assert stillhouse.main(["ablate", "--task", "demo", "--base", "tiny", "--name", "bad", "--rank", "12", "--max-steps", "1"]) == 2
     assert not (tmp_path / "runs" / "bad" / "data").exists()
+
+
+def test_batched_local_generation_matches_one_prompt_at_a_time(tiny_base_dir, tmp_path):
+    from tests.lora_factory import make_lora_adapter
+    from training.ablation import generate_locally
+    from training.task import load_task
+
+    task = load_task("demo")
+    adapter = make_lora_adapter(tiny_base_dir, tmp_path / "adapter", scale=0.2)
+    reviews = ["Great phone.", "The hotel lobby smelled of smoke and the bed was broken.", "It arrived.", "Fine food, slow service, long wait for the bill."]
+    rows = [{"id": str(i), "inputs": {"review": text}} for i, text in enumerate(reviews)]
+    one_by_one = generate_locally(task, rows, tiny_base_dir, adapter, batch_size=1)
+    batched = generate_locally(task, rows, tiny_base_dir, adapter, batch_size=3)
+    assert batched == one_by_one
+    assert all(one_by_one)  # every prompt got text, so the comparison means something

@@ -50,3 +50,32 @@ def test_an_unreachable_teacher_fails_rows_after_retries(tmp_path):
     assert all(row["output"] is None and "label_error" in row for row in labelled)
     with pytest.raises(EndpointError):
         teacher.complete("x", TASK.generation)
+
+
+@pytest.mark.parametrize("protocol", ["lorax", "openai"])
+def test_labelling_with_top_k_stores_the_teachers_distribution(server, tmp_path, protocol):
+    url = server if protocol == "lorax" else f"{server}/v1"
+    teacher = Endpoint(EndpointConfig(url=url, protocol=protocol, concurrency=2))
+    cache = tmp_path / "cache.jsonl"
+    plain, _ = label(rows(2), TASK, teacher, cache)
+    assert all(isinstance(row["teacher_logprob"], float) for row in plain)
+    if protocol == "lorax":
+        assert all(row["teacher_tokens"] for row in plain)
+    assert all("teacher_top_logprobs" not in row for row in plain)
+
+    # answers cached without top-k are not reused for distillation; rows lacking it are asked again
+    labelled, report = label(plain, TASK, teacher, cache, top_k=3)
+    assert (report.requested, report.cached) == (2, 0)
+    for row, before in zip(labelled, plain):
+        assert row["output"] == before["output"]
+        tokens, tops = row["teacher_tokens"], row["teacher_top_logprobs"]
+        assert tokens and len(tops) == len(tokens)
+        for token, top in zip(tokens, tops):
+            assert 1 <= len(top) <= 3 and all(isinstance(i, int) for i, _ in top)
+            assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+            assert top[0][0] == token  # greedy: the generated token is the teacher's best
+        assert row["teacher_logprob"] == pytest.approx(sum(top[0][1] for top in tops), abs=1e-5)
+        assert row["teacher_logprob"] == pytest.approx(before["teacher_logprob"], abs=1e-5)
+    again, report = label(labelled, TASK, teacher, cache, top_k=3, relabel=True)
+    assert (report.requested, report.cached) == (0, 2)
+    assert again == labelled
