@@ -8,7 +8,8 @@ Same base, LoRA config, rows, batch size and steps; CPU, float32; one untimed wa
   (on by default in TRL's ``SFTConfig``) is turned off, as in ours: recomputation is not what this
   compares. What remains of TRL's per-step work (its entropy / token-accuracy metrics) is kept.
 - Plain padded loop: random batches of the same rows padded to the longest, ``model(**batch).loss.backward()``.
-- Ours: length-bucketed batches and logits only at completion positions (``trainer.completion_loss``).
+- Ours: length-bucketed batches and logits only at completion positions (``trainer.completion_loss``);
+  and ours packed: the random batches, each packed into rows of up to 256 tokens (``--packing on``).
 
 Throughput is real (non-pad) tokens processed per wall-clock second for every column, and per CPU
 second of the process, which other load on a shared machine disturbs less. TRL is an optional extra:
@@ -179,8 +180,8 @@ def main() -> int:
     random.Random(0).shuffle(shuffled)
     random_batches = [shuffled[i : i + args.batch_size] for i in range(0, len(shuffled), args.batch_size)][: args.steps + 1]
 
-    def batches(order):
-        return [trainer.collate([examples[i] for i in indices], tokenizer.pad_token_id) for indices in order]
+    def batches(order, pack_width=None):
+        return [trainer.collate([examples[i] for i in indices], tokenizer.pad_token_id, pack_width) for indices in order]
 
     base_name = base_models.base_identity(base_dir).name
 
@@ -189,13 +190,18 @@ def main() -> int:
 
     # --- run: a fresh LoRA model for each loop
     results = {"TRL SFTTrainer (padded, full logits)": trl_sft(base_dir, base_name, lora(), tokenizer, records, args.steps, args.batch_size)}
-    for name, step, order in (("plain padded loop (full logits)", padded, random_batches), ("stillhouse trainer", ours, bucketed)):
+    loops = (
+        ("plain padded loop (full logits)", padded, random_batches, None),
+        ("stillhouse trainer", ours, bucketed, None),
+        ("stillhouse trainer, packed", ours, random_batches, MAX_LENGTH),
+    )
+    for name, step, order, pack_width in loops:
         torch.manual_seed(0)
         causal_lm = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         causal_lm.name_or_path = base_name
         model = get_peft_model(causal_lm, lora())
         model.train()
-        results[name] = measure(model, batches(order), step)
+        results[name] = measure(model, batches(order, pack_width), step)
 
     # --- report
     trl = results["TRL SFTTrainer (padded, full logits)"]

@@ -155,6 +155,25 @@ def parse_fractions(text: str) -> list[float]:
     return values
 
 
+def plateau(sizes: Sequence[float], scores: Sequence[float], tolerance: float = 0.005, min_points: int = 3) -> dict | None:
+    """The flat tail of a curve: the smallest size from which the last ``min_points`` or more scores
+    all lie within ``tolerance`` of the largest size's score; None when the tail still moves.
+
+    A saturated curve says more data of the same kind will not help (the labels or the task cap
+    the score), whatever a fitted power law extrapolates.
+    """
+    ordered = sorted(zip(sizes, scores))
+    final = ordered[-1][1]
+    tail = 0
+    for _, score_value in reversed(ordered):
+        if abs(score_value - final) > tolerance:
+            break
+        tail += 1
+    if tail < min_points:
+        return None
+    return {"from_rows": ordered[-tail][0], "score": final, "points": tail}
+
+
 # --- scoring an adapter in process -----------------------------------------------------------
 
 
@@ -263,6 +282,7 @@ def ablate(config: RunConfig, fractions: Sequence[float], say: Say, eval_limit: 
     at_double = {"rows": 2 * full, "score": fit.predict(2 * full), "ci95": fit.interval(2 * full)}
     report = {
         "task": task.name, "base": config.base, "metric": primary, "points": points, "fit": fit.to_dict(),
+        "plateau": plateau([p["rows"] for p in points], [p[primary] for p in points]),
         "extrapolation": at_double, "interval_method": "delta method on the curve_fit parameter covariance (residual-scaled)",
         "config": config.model_dump(mode="json"),
     }
@@ -292,6 +312,13 @@ def ablation_markdown(report: dict) -> str:
         interval = extra["ci95"]
         shown = f" [{interval[0]:.3f}, {interval[1]:.3f}] (95%, {report['interval_method']})" if interval else f" (no interval: fit status {fit['status']})"
         lines.append(f"\nExtrapolated {metric} at 2× the data ({extra['rows']} rows): **{extra['score']:.3f}**{shown}.")
+    flat = report.get("plateau")
+    if flat:
+        lines.append(
+            f"\nPlateau: the last {flat['points']} points, from {flat['from_rows']} rows on, all score {flat['score']:.3f} "
+            "(within 0.005): more rows of this data are unlikely to help whatever the fit extrapolates; "
+            "look at the mistakes (`stillhouse review`) and at the labels."
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -83,6 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--with-teacher", action="store_true", help="also score the teacher prompt on the base model of --url")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N test rows")
     evaluate.add_argument("--concurrency", type=int, default=4)
+    evaluate.add_argument("--judge-url", default=None, help="LLM judge endpoint for the task's judge criterion (LoRAX root, or OpenAI .../v1)")
+    evaluate.add_argument("--judge-protocol", choices=["lorax", "openai"], default="lorax")
+    evaluate.add_argument("--judge-model", default=None, help="judge adapter id / model name (empty: the base)")
     evaluate.set_defaults(handler=_eval)
 
     ablate = subparsers.add_parser("ablate", help="train on nested fractions of the data, fit a power law, extrapolate to 2x")
@@ -227,7 +230,10 @@ def _eval(args: argparse.Namespace) -> int:
         teacher = config.teacher
         if args.with_teacher and teacher is None:
             teacher = EndpointConfig(url=args.url, protocol=args.protocol, model=None, concurrency=args.concurrency)
-        recipe.evaluate_run(config, load_task(config.task), student, teacher if args.with_teacher else None, recipe.stderr, args.limit)
+        judge = None
+        if args.judge_url:
+            judge = EndpointConfig(url=args.judge_url, protocol=args.judge_protocol, model=args.judge_model, concurrency=args.concurrency)
+        recipe.evaluate_run(config, load_task(config.task), student, teacher if args.with_teacher else None, recipe.stderr, args.limit, judge)
 
     return _run(run)
 

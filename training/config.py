@@ -61,7 +61,7 @@ class RankingConfig(_Strict):
 
     by: Literal["teacher_logprob", "judge"] = "teacher_logprob"
     keep_fraction: float = Field(0.8, gt=0.0, le=1.0)
-    per_token: bool = False  # teacher_logprob / len(teacher_tokens) (recorded when labelling with train.kd_ratio > 0)
+    per_token: bool = False  # teacher_logprob / len(teacher_tokens) (LoRAX teachers; OpenAI ones with train.kd_ratio > 0)
     judge: EndpointConfig | None = None  # the judge endpoint, when by is judge
     judge_prompt: str | None = None  # template with {input} and {output}; the judge answers with a number
 

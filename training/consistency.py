@@ -6,8 +6,8 @@ to score each row's output and records ``judge_score`` (with ``judge_output``, t
 scored). The curation steps that use them (:func:`training.curation.self_consistency`,
 :func:`training.curation.rank`) are pure.
 
-Answers go to an append-only JSONL cache like the labelling cache, each line flushed as it
-arrives, so an interrupted stage resumes where it stopped and a re-run asks nothing. A sample's
+Answers go to a resumable cache like the labelling one (:mod:`training.answer_cache`), so an
+interrupted stage resumes where it stopped and a re-run asks nothing. A sample's
 key is (endpoint, prompt, generation settings, sample index): the endpoint protocol exposes no
 sampling seed here, so the samples are unseeded draws, made reproducible by the cache rather
 than by the server. A row whose request fails for good gets ``teacher_samples_error`` /
@@ -16,20 +16,16 @@ than by the server. A row whose request fails for good gets ``teacher_samples_er
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-import threading
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+from training import answer_cache
+from training import judge as judge_prompts
 from training.config import SelfConsistencyConfig
-from training.endpoint import Endpoint, EndpointError, bounded_map
+from training.endpoint import Endpoint
 from training.task import Generation, Task
 
-# The judge answers with a number; a few tokens are enough and greedy decoding keeps it stable.
-JUDGE_GENERATION = Generation(max_new_tokens=8, stop=["\n"], temperature=0.0)
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -78,9 +74,9 @@ def judge(rows: list[dict], task: Task, judge_endpoint: Endpoint, template: str,
     todo = [row for row in rows if row["id"] in outputs]
     jobs = []
     for row in todo:
-        prompt = render_judge_prompt(template, task.input_text(row["inputs"]), outputs[row["id"]])
-        jobs.append((_key(judge_endpoint, prompt, JUDGE_GENERATION, 0), prompt))
-    answers, cached = _ask_all(judge_endpoint, jobs, JUDGE_GENERATION, cache_path)
+        prompt = judge_prompts.render_prompt(template, task.input_text(row["inputs"]), outputs[row["id"]])
+        jobs.append((_key(judge_endpoint, prompt, judge_prompts.GENERATION, 0), prompt))
+    answers, cached = _ask_all(judge_endpoint, jobs, judge_prompts.GENERATION, cache_path)
 
     by_row = {row["id"]: answer for row, answer in zip(todo, answers)}
     judged, failed = [], 0
@@ -90,7 +86,7 @@ def judge(rows: list[dict], task: Task, judge_endpoint: Endpoint, template: str,
             judged.append(row)
             continue
         row = {key: value for key, value in row.items() if key not in ("judge_score", "judge_output", "judge_error")}
-        score = parse_score(answer.get("text", ""))
+        score = judge_prompts.parse_score(answer.get("text", ""))
         if "error" in answer or score is None:
             failed += 1
             error = answer.get("error") or f"no number in the judge's answer {answer['text']!r}"
@@ -100,59 +96,14 @@ def judge(rows: list[dict], task: Task, judge_endpoint: Endpoint, template: str,
     return judged, StageReport(len(todo), cached, len(jobs) - cached, failed)
 
 
-def render_judge_prompt(template: str, input_text: str, output: str) -> str:
-    """``template`` with ``{input}`` and ``{output}`` filled in (other braces are left as they are)."""
-    values = {"input": input_text, "output": output}
-    return re.sub(r"\{(input|output)\}", lambda match: values[match.group(1)], template)
-
-
-def parse_score(text: str) -> float | None:
-    """The first number in a judge's answer, or None."""
-    match = _NUMBER.search(text or "")
-    return float(match.group()) if match else None
-
-
 def _ask_all(endpoint: Endpoint, jobs: list[tuple[str, str]], generation: Generation, cache_path: Path) -> tuple[list[dict], int]:
     """Each (key, prompt) job's answer, from the cache or the endpoint; and how many were cached."""
-    cache = _read_cache(cache_path)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = threading.Lock()
-    cached = sum(1 for key, _ in jobs if key in cache)
-    with cache_path.open("a") as sink:
-        if cache_path.stat().st_size and not cache_path.read_bytes().endswith(b"\n"):
-            sink.write("\n")  # end a torn line so the next entry starts clean
 
-        def ask(job: tuple[str, str]) -> dict:
-            key, prompt = job
-            if key in cache:
-                return cache[key]
-            try:
-                completion = endpoint.complete(prompt, generation)
-            except EndpointError as error:
-                return {"key": key, "error": str(error)}
-            entry = {"key": key, "text": completion.text}
-            with lock:
-                sink.write(json.dumps(entry) + "\n")
-                sink.flush()
-            return entry
+    def ask(prompt: str) -> dict:
+        return {"text": endpoint.complete(prompt, generation).text}
 
-        answers = list(bounded_map(ask, jobs, endpoint.config.concurrency))
-    return answers, cached
+    return answer_cache.ask_all([(key, functools.partial(ask, prompt)) for key, prompt in jobs], cache_path, endpoint.config.concurrency)
 
 
 def _key(endpoint: Endpoint, prompt: str, generation: Generation, index: int) -> str:
-    payload = json.dumps([endpoint.identity, prompt, generation.model_dump(), index], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def _read_cache(path: Path) -> dict[str, dict]:
-    """Cached answers by key; a torn last line (the process was killed mid-write) is ignored."""
-    cache: dict[str, dict] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            cache[entry["key"]] = entry
-    return cache
+    return answer_cache.cache_key(endpoint.identity, prompt, generation.model_dump(), index)

@@ -169,8 +169,8 @@ def rank(rows: list[dict], config: RankingConfig) -> Step:
         fix = (
             "run `stillhouse data curate` with curation.ranking.judge set (it asks the judge before curating)"
             if config.by == "judge"
-            else "label with a teacher that reports log-probabilities (`stillhouse label --relabel`; teacher_tokens need "
-            "train.kd_ratio > 0), or set curation.ranking.by: judge"
+            else "label with a teacher that reports log-probabilities (`stillhouse label --relabel`; teacher_tokens come from "
+            "LoRAX teachers, or OpenAI ones with train.kd_ratio > 0), or set curation.ranking.by: judge"
         )
         raise DatasetError(f"curation.ranking.by is {config.by!r} but no training row has a {field_name}; {fix}")
     scored = sorted((row for row in train if scores[row["id"]] is not None), key=lambda row: (-scores[row["id"]], row["id"]))

@@ -2,9 +2,11 @@
 
 Metrics are pure functions of (references, predictions). Proportions (accuracy, exact match,
 regex match, JSON validity) carry a Wilson score interval; macro-F1 a seeded percentile
-bootstrap. :func:`evaluate` asks an endpoint (lorax-client or openai client) for every row with
-the student's or the teacher's prompt, and reports each metric with prompt tokens per request
-and latency, so a student and its teacher are compared on the same gold rows.
+bootstrap; the optional LLM-judge score (the task's ``judge`` criterion, asked of any endpoint)
+is a mean with a Student-t interval over the rows the judge scored. :func:`evaluate` asks an
+endpoint (lorax-client or openai client) for every row with the student's or the teacher's
+prompt, and reports each metric with prompt tokens per request and latency, so a student and
+its teacher are compared on the same gold rows.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from training import judge as judging
 from training.endpoint import Endpoint, EndpointError, bounded_map
 from training.task import Task
 
@@ -112,6 +115,20 @@ def proportion(name: str, hits: Sequence[bool]) -> Metric:
     return Metric(name, k / n if n else 0.0, low, high, n, "wilson")
 
 
+def mean_interval(name: str, values: Sequence[float]) -> Metric:
+    """The mean of ``values`` with its 95% Student-t interval (none for fewer than two values)."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return Metric(name, float("nan"), float("nan"), float("nan"), 0, "t")
+    mean = statistics.fmean(values)
+    if n < 2:
+        return Metric(name, mean, float("nan"), float("nan"), n, "t")
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return Metric(name, mean, mean - half, mean + half, n, "t")
+
+
 def score(task: Task, references: Sequence[str], outputs: Sequence[str | None]) -> list[Metric]:
     """Every metric of ``task`` for raw ``outputs`` against reference outputs (None = failed request)."""
     parsed = [task.parse(output or "") for output in outputs]
@@ -137,9 +154,33 @@ def score(task: Task, references: Sequence[str], outputs: Sequence[str | None]) 
 # --- against an endpoint -------------------------------------------------------------------
 
 
-def evaluate(task: Task, rows: list[dict], endpoint: Endpoint, prompt: Literal["student", "teacher"] = "student") -> EvalReport:
+def judge_scores(task: Task, rows: list[dict], references: Sequence[str], outputs: Sequence[str | None], judge: Endpoint) -> list[float | None]:
+    """The judge's score of each output under the task's ``judge`` criterion; None where the request
+    failed, the answer has no number, or the number is off the criterion's scale."""
+    criterion = task.judge
+    if criterion is None:
+        raise ValueError(f"task {task.name!r} has no judge criterion; add judge: {{prompt: ..., scale: [1, 5]}} to the task file, or leave out the judge endpoint")
+    low, high = criterion.scale
+
+    def ask(item: tuple[dict, str, str | None]) -> float | None:
+        row, reference, output = item
+        if output is None:
+            return None
+        prompt = judging.render_prompt(criterion.prompt, task.input_text(row["inputs"]), output.strip(), reference or "")
+        try:
+            value = judging.parse_score(judge.complete(prompt, judging.GENERATION).text)
+        except EndpointError:
+            return None
+        return value if value is not None and low <= value <= high else None
+
+    return list(bounded_map(ask, list(zip(rows, references, outputs)), judge.config.concurrency))
+
+
+def evaluate(
+    task: Task, rows: list[dict], endpoint: Endpoint, prompt: Literal["student", "teacher"] = "student", judge: Endpoint | None = None
+) -> EvalReport:
     """Ask ``endpoint`` for every row (``prompt`` picks the template) and score against each row's gold
-    (or, when a row has none, the teacher's output)."""
+    (or, when a row has none, the teacher's output); with ``judge``, also the task's judge criterion."""
     render = task.student_prompt if prompt == "student" else task.teacher_prompt
 
     def ask(row: dict):
@@ -157,10 +198,16 @@ def evaluate(task: Task, rows: list[dict], endpoint: Endpoint, prompt: Literal["
         {"id": row["id"], "inputs": row["inputs"], "reference": reference, "output": output, "parsed": task.parse(output or "").value}
         for row, reference, output in zip(rows, references, outputs)
     ]
+    metrics = score(task, references, outputs)
+    if judge is not None:
+        scores = judge_scores(task, rows, references, outputs, judge)
+        for prediction, value in zip(predictions, scores):
+            prediction["judge_score"] = value
+        metrics.append(mean_interval("judge", [value for value in scores if value is not None]))
     return EvalReport(
         endpoint=endpoint.identity,
         prompt=prompt,
-        metrics=score(task, references, outputs),
+        metrics=metrics,
         rows=len(rows),
         failed_requests=len(rows) - len(answered),
         mean_prompt_tokens=statistics.fmean(c.prompt_tokens for c in answered) if answered else 0.0,
@@ -172,14 +219,14 @@ def evaluate(task: Task, rows: list[dict], endpoint: Endpoint, prompt: Literal["
 
 def report_markdown(task: Task, reports: list[EvalReport]) -> str:
     """A side-by-side table of reports (e.g. the student and its teacher) on the same rows."""
-    names = task.metric_names
+    names = task.metric_names + (["judge"] if any(metric.name == "judge" for report in reports for metric in report.metrics) else [])
     header = ["endpoint", "prompt", *[f"{name} [95% CI]" for name in names], "prompt tokens/req", "p50 latency s", "failed"]
     lines = [f"# Evaluation: {task.name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for report in reports:
         cells = [f"`{report.endpoint}`", report.prompt]
         for name in names:
-            metric = report.metric(name)
-            cells.append(f"{metric.value:.3f} [{metric.low:.3f}, {metric.high:.3f}] (n={metric.n})")
+            metric = next((metric for metric in report.metrics if metric.name == name), None)
+            cells.append("—" if metric is None else f"{metric.value:.3f} [{metric.low:.3f}, {metric.high:.3f}] (n={metric.n})")
         cells += [f"{report.mean_prompt_tokens:.1f}", f"{report.latency_p50_s:.3f}", str(report.failed_requests)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 """Teacher labelling: run the teacher's prompt over rows and record its answers as outputs.
 
-Answers go to an append-only JSONL cache keyed by (teacher, prompt, generation settings, and the
+Answers go to a resumable cache (:mod:`training.answer_cache`) keyed by (teacher, prompt, generation settings, and the
 top-k asked for, if any), each line flushed as it arrives, so an interrupted run resumes where it
 stopped and a re-run costs nothing. A row whose request fails for good keeps ``output`` None with
 ``label_error`` set; curation then drops it as ``missing_output``.
@@ -14,13 +14,12 @@ always; OpenAI ids only with top-k). Asked for ``top_k`` > 0 (logit distillation
 
 from __future__ import annotations
 
-import hashlib
-import json
-import threading
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.endpoint import Endpoint, EndpointError, bounded_map
+from training import answer_cache
+from training.endpoint import Endpoint
 from training.task import Task
 
 
@@ -46,40 +45,25 @@ def label(
 
     With ``top_k`` > 0, rows without the teacher's top-k (``teacher_top_logprobs``) are asked too.
     """
-    cache = _read_cache(cache_path)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = threading.Lock()
     todo = [
         row for row in rows
         if relabel or row.get("output") is None or (top_k and row.get("teacher_top_logprobs") is None)
     ]
-    cached = sum(1 for row in todo if _key(teacher, task, row, top_k) in cache)
 
-    with cache_path.open("a") as sink:
-        if cache_path.stat().st_size and not cache_path.read_bytes().endswith(b"\n"):
-            sink.write("\n")  # end a torn line so the next entry starts clean
+    def ask(row: dict) -> dict:
+        completion = teacher.complete(task.teacher_prompt(row["inputs"]), task.generation, top_k=top_k)
+        entry = {"text": completion.text, "prompt_tokens": completion.prompt_tokens}
+        if completion.logprob is not None:
+            entry["logprob"] = completion.logprob
+        if completion.token_ids:
+            entry["tokens"] = list(completion.token_ids)
+        if top_k:
+            entry["top_logprobs"] = [[[i, v] for i, v in top.items()] for top in completion.top_logprobs]
+        return entry
 
-        def ask(row: dict) -> dict:
-            key = _key(teacher, task, row, top_k)
-            if key in cache:
-                return cache[key]
-            try:
-                completion = teacher.complete(task.teacher_prompt(row["inputs"]), task.generation, top_k=top_k)
-            except EndpointError as error:
-                return {"key": key, "error": str(error)}
-            entry = {"key": key, "text": completion.text, "prompt_tokens": completion.prompt_tokens}
-            if completion.logprob is not None:
-                entry["logprob"] = completion.logprob
-            if completion.token_ids:
-                entry["tokens"] = list(completion.token_ids)
-            if top_k:
-                entry["top_logprobs"] = [[[i, v] for i, v in top.items()] for top in completion.top_logprobs]
-            with lock:
-                sink.write(json.dumps(entry) + "\n")
-                sink.flush()
-            return entry
-
-        answers = {row["id"]: answer for row, answer in zip(todo, bounded_map(ask, todo, teacher.config.concurrency))}
+    jobs = [(_key(teacher, task, row, top_k), functools.partial(ask, row)) for row in todo]
+    entries, cached = answer_cache.ask_all(jobs, cache_path, teacher.config.concurrency)
+    answers = {row["id"]: entry for row, entry in zip(todo, entries)}
 
     labelled, failed, prompt_tokens = [], 0, []
     for row in rows:
@@ -110,18 +94,4 @@ def _key(teacher: Endpoint, task: Task, row: dict, top_k: int) -> str:
     parts = [teacher.identity, task.teacher_prompt(row["inputs"]), task.generation.model_dump()]
     if top_k:
         parts.append({"top_k": top_k})
-    payload = json.dumps(parts, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def _read_cache(path: Path) -> dict[str, dict]:
-    """Cached answers by key; a torn last line (the process was killed mid-write) is ignored."""
-    cache: dict[str, dict] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            cache[entry["key"]] = entry
-    return cache
+    return answer_cache.cache_key(*parts)

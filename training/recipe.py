@@ -167,13 +167,18 @@ def train(config: RunConfig, say: Say, on_step: Callable[[int], None] | None = N
 
 
 def evaluate_run(
-    config: RunConfig, task: Task, student: EndpointConfig, teacher: EndpointConfig | None, say: Say, limit: int | None = None
+    config: RunConfig, task: Task, student: EndpointConfig, teacher: EndpointConfig | None, say: Say, limit: int | None = None,
+    judge: EndpointConfig | None = None,
 ) -> list[EvalReport]:
-    """Score the student (student prompt) and optionally the teacher (teacher prompt) on the run's test split."""
+    """Score the student (student prompt) and optionally the teacher (teacher prompt) on the run's test split;
+    with ``judge``, each also on the task's judge criterion."""
+    if judge is not None and task.judge is None:
+        raise ConfigError(f"task {task.name!r} has no judge criterion; add judge: {{prompt: ..., scale: [1, 5]}} to the task file, or leave out --judge-url")
     rows = dataset.read_jsonl(_data_dir(config) / "test.jsonl")[:limit]
-    reports = [evaluate(task, rows, Endpoint(student), "student")]
+    judge_endpoint = Endpoint(judge) if judge is not None else None
+    reports = [evaluate(task, rows, Endpoint(student), "student", judge_endpoint)]
     if teacher is not None:
-        reports.append(evaluate(task, rows, Endpoint(teacher), "teacher"))
+        reports.append(evaluate(task, rows, Endpoint(teacher), "teacher", judge_endpoint))
     eval_dir = config.run_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     for report in reports:

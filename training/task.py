@@ -85,6 +85,22 @@ class Generation(_Strict):
     temperature: float = Field(0.0, ge=0.0)
 
 
+class JudgeCriterion(_Strict):
+    """An LLM-judge criterion: at evaluation time a judge endpoint answers ``prompt`` with a score."""
+
+    prompt: str  # uses {input} and {output}; {reference} is the gold (or teacher) answer
+    scale: tuple[float, float] = (0.0, 1.0)  # the lowest and highest valid score; anything else is unscored
+
+    @model_validator(mode="after")
+    def _usable(self) -> "JudgeCriterion":
+        problems = [f"judge.prompt never uses {name}; add it to the template" for name in ("{input}", "{output}") if name not in self.prompt]
+        if self.scale[0] >= self.scale[1]:
+            problems.append(f"judge.scale {list(self.scale)} is empty; give [lowest, highest], e.g. [1, 5]")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 @dataclass(frozen=True)
 class Parsed:
     """An output checked against the task's format: ``value`` is None when ``code`` says why."""
@@ -105,6 +121,7 @@ class Task(_Strict):
     completion_prefix: str = " "
     generation: Generation = Field(default_factory=Generation)
     metrics: list[str] = Field(default_factory=list)
+    judge: JudgeCriterion | None = None  # optional LLM-judge criterion (`stillhouse eval --judge-url`)
     generator: str | None = None  # a module with `generate(split, n, seed)` producing gold rows
 
     @model_validator(mode="after")

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from serving import base_models, servability
@@ -367,6 +368,9 @@ def train(
     micro_batches = _micro_batch_stream(lengths, settings, start_step * settings.grad_accum)
     started = time.perf_counter()
     window_tokens, window_started = 0, time.perf_counter()
+    # On a terminal a progress bar carries loss and tokens/s; otherwise (logs, CI) a line every log_every steps.
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True,
+               disable=not (distributed.is_main() and sys.stderr.isatty()))
     for step in range(start_step, total_steps):
         if distributed.world_size() > 1:  # per-rank dropout masks, a function of (seed, step, rank): resume stays exact
             torch.manual_seed(_rank_seed(settings.seed, step, distributed.rank()))
@@ -392,15 +396,20 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         curve.append({"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+        bar.update(1)
         if (step + 1) % settings.log_every == 0 or step + 1 == total_steps:
             elapsed = time.perf_counter() - window_started
             window_tokens = distributed.total(window_tokens)
-            say(f"step {step + 1}/{total_steps}  loss {step_loss:.4f}  lr {curve[-1]['lr']:.2e}  {window_tokens / elapsed:.0f} tok/s")
+            if bar.disable:
+                say(f"step {step + 1}/{total_steps}  loss {step_loss:.4f}  lr {curve[-1]['lr']:.2e}  {window_tokens / elapsed:.0f} tok/s")
+            else:
+                bar.set_postfix_str(f"loss {step_loss:.4f}  lr {curve[-1]['lr']:.2e}  {window_tokens / elapsed:.0f} tok/s")
             window_tokens, window_started = 0, time.perf_counter()
         if distributed.is_main() and ((step + 1) % settings.save_every == 0 or step + 1 == total_steps):
             _save_checkpoint(checkpoints, step + 1, fingerprint, model, optimizer, scheduler, curve)
         if on_step is not None:
             on_step(step + 1)
+    bar.close()
     seconds = time.perf_counter() - started
 
     # --- report: the adapter, its loss curve

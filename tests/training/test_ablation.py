@@ -104,3 +104,11 @@ def test_batched_local_generation_matches_one_prompt_at_a_time(tiny_base_dir, tm
     batched = generate_locally(task, rows, tiny_base_dir, adapter, batch_size=3)
     assert batched == one_by_one
     assert all(one_by_one)  # every prompt got text, so the comparison means something
+
+
+def test_plateau_is_the_flat_tail_only():
+    from training.ablation import plateau
+
+    assert plateau([20, 40, 100, 200, 300, 400], [0.43, 0.53, 0.79, 0.79, 0.791, 0.79]) == {"from_rows": 100, "score": 0.79, "points": 4}
+    assert plateau([20, 40, 100, 200], [0.4, 0.5, 0.6, 0.7]) is None
+    assert plateau([10, 20, 30], [0.5, 0.9, 0.9]) is None  # two flat points are not yet a plateau

@@ -40,3 +40,59 @@ def test_score_parses_outputs_and_counts_failed_requests_as_wrong():
     assert metrics["accuracy"].interval == "wilson"
     assert metrics["macro_f1"].interval == "bootstrap"
     assert 0.0 <= metrics["macro_f1"].low <= metrics["macro_f1"].value <= metrics["macro_f1"].high <= 1.0
+
+
+def test_mean_interval_is_the_student_t_interval():
+    from training.evaluation import mean_interval
+
+    metric = mean_interval("judge", [1, 2, 3, 4, 5])
+    assert (metric.value, metric.n, metric.interval) == (3.0, 5, "t")
+    half = 2.7764451 * 1.5811388 / 5**0.5  # t(0.975, 4) · sd / √n
+    assert metric.low == pytest.approx(3 - half, abs=1e-5) and metric.high == pytest.approx(3 + half, abs=1e-5)
+
+
+def test_the_task_judge_criterion_scores_outputs_through_a_judge_endpoint(tmp_path):
+    import yaml
+
+    from tests.training.test_consistency import stub_server
+    from training.config import EndpointConfig
+    from training.endpoint import Endpoint
+    from training.evaluation import evaluate, report_markdown
+
+    spec = load_task("demo").model_dump(by_alias=True)
+    spec.update(name="judged", generator=None, judge={"prompt": "Review: {input}\nLabel: {output}\nGold: {reference}\nScore 1-5:", "scale": [1, 5]})
+    (tmp_path / "judged.yaml").write_text(yaml.safe_dump(spec))
+    task = load_task(str(tmp_path / "judged.yaml"))
+    rows = [{"id": str(i), "inputs": {"review": text}, "gold": "positive", "output": None} for i, text in enumerate(["good", "fine", "bad", "odd"])]
+
+    def student(prompt: str, parameters: dict) -> str:
+        return " negative" if "bad" in prompt else " positive"
+
+    def judge(prompt: str, parameters: dict) -> str:
+        assert "Gold: positive" in prompt and "Label: " in prompt
+        return {"good": " 5", "fine": " 4", "bad": " 9 (very bad)", "odd": " no idea"}[prompt.split("\n")[0].split(": ")[1]]
+
+    with stub_server(student) as (student_url, _), stub_server(judge) as (judge_url, judged):
+        report = evaluate(task, rows, Endpoint(EndpointConfig(url=student_url)), "student", Endpoint(EndpointConfig(url=judge_url)))
+    assert len(judged) == 4
+    metric = report.metric("judge")
+    assert (metric.value, metric.n) == (4.5, 2)  # 9 is off the 1-5 scale and "no idea" has no number: unscored
+    assert [p["judge_score"] for p in report.predictions] == [5.0, 4.0, None, None]
+    assert "judge [95% CI]" in report_markdown(task, [report])
+
+    with pytest.raises(ValueError, match="has no judge criterion"):
+        with stub_server(student) as (url, _):
+            evaluate(load_task("demo"), rows, Endpoint(EndpointConfig(url=url)), "student", Endpoint(EndpointConfig(url=url)))
+
+
+def test_a_judge_prompt_without_its_placeholders_is_refused(tmp_path):
+    import yaml
+
+    from training.task import TaskError
+
+    spec = load_task("demo").model_dump(by_alias=True)
+    spec.update(name="judged", judge={"prompt": "Rate this", "scale": [5, 1]})
+    (tmp_path / "judged.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(TaskError) as error:
+        load_task(str(tmp_path / "judged.yaml"))
+    assert "judge.prompt never uses {input}" in str(error.value) and "judge.scale [5.0, 1.0] is empty" in str(error.value)

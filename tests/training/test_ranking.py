@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from training import consistency, curation
+from training import consistency, curation, judge
 from training.config import ConfigError, EndpointConfig, RankingConfig, load_config
 from training.dataset import DatasetError
 from training.endpoint import Endpoint
@@ -85,8 +85,8 @@ def test_config_validation_names_the_field_and_fix():
 
 
 def test_judge_prompt_rendering_and_score_parsing():
-    assert consistency.render_judge_prompt('{"q": "{input}"} {output}', "a {output} b", "X") == '{"q": "a {output} b"} X'
-    assert [consistency.parse_score(text) for text in (" 7/10", "Score: -2.5", "none", "")] == [7.0, -2.5, None, None]
+    assert judge.render_prompt('{"q": "{input}"} {output}', "a {output} b", "X") == '{"q": "a {output} b"} X'
+    assert [judge.parse_score(text) for text in (" 7/10", "Score: -2.5", "none", "")] == [7.0, -2.5, None, None]
 
 
 def test_judge_scores_against_a_server_are_cached(tmp_path):
@@ -101,7 +101,7 @@ def test_judge_scores_against_a_server_are_cached(tmp_path):
         endpoint = Endpoint(EndpointConfig(url=url, concurrency=2))
         judged, report = consistency.judge(rows, TASK, endpoint, template, tmp_path / "judge.jsonl", outputs)
         assert (report.rows, report.requested, report.cached, report.failed) == (3, 3, 0, 1)
-        expected = consistency.render_judge_prompt(template, "Review a", "positive")
+        expected = judge.render_prompt(template, "Review a", "positive")
         assert judged[0]["judge_score"] == float(expected.count("o")) and judged[0]["judge_output"] == "positive"
         assert judged[2]["judge_score"] is None and "no number" in judged[2]["judge_error"]
         assert "judge_score" not in judged[3]
