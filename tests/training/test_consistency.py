@@ -4,17 +4,15 @@ server (a stub speaking LoRAX's `/generate` JSON to the real lorax-client) throu
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 
+from tests.serving.server_harness import free_port, serving_in_thread
 from training import consistency, curation, dataset, recipe
 from training.config import ConfigError, CurationConfig, DataConfig, EndpointConfig, RankingConfig, RunConfig, SelfConsistencyConfig, load_config
 from training.dataset import DatasetError
@@ -29,12 +27,6 @@ CODES = Task(
     student_template="{text}\nCode:",
     output={"type": "regex", "pattern": r"[A-Z]{2}-\d+"},
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -56,20 +48,8 @@ def stub_server(answer: Callable[[str, dict], str]):
         details = {"finish_reason": "length", "prompt_tokens": len(body["inputs"].split()), "generated_tokens": 1, "seed": None, "prefill": [], "tokens": []}
         return [{"generated_text": text, "details": details}]
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the stub server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving_in_thread(app, start_timeout_s=30) as url:
+        yield url, seen
 
 
 def row(row_id, review, output, samples=None, split="train", **extra):
