@@ -43,6 +43,7 @@ PARAMETERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "batch_size": ("train.batch_size", int),
     "grad_accum": ("train.grad_accum", int),
     "warmup_ratio": ("train.warmup_ratio", float),
+    "kd_ratio": ("train.kd_ratio", float),  # with the base's teacher top-k labels: 0 is text-only distillation
     "max_label_ratio": ("curation.max_label_ratio", float),
     "max_per_label": ("curation.max_per_label", int),
     "dedup_threshold": ("curation.dedup_threshold", float),

@@ -67,3 +67,12 @@ def test_sweep_cli_trains_each_variant_and_sorts_by_the_primary_metric(tmp_path,
     table = (out_dir / "sweep.md").read_text()
     assert "each variant changes exactly one field" in table and "`lora.rank` = 16" in table
     assert "| 1 |" in capsys.readouterr().out
+
+
+def test_logit_distillation_weight_is_a_sweep_parameter():
+    base = base_config(**{"train.kd_ratio": 0.5, "train.kd_top_k": 5})
+    configs = variants(base, parse_vary(["kd_ratio=0,1"]))
+    assert [(v.label, v.field, v.config.train.kd_ratio) for v in configs] == [
+        ("base", None, 0.5), ("kd_ratio=0.0", "train.kd_ratio", 0.0), ("kd_ratio=1.0", "train.kd_ratio", 1.0)]
+    with pytest.raises(SweepRefusedError, match="kd_ratio"):
+        variants(base, parse_vary(["kd_ratio=1.5"]))
