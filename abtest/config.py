@@ -8,21 +8,22 @@ default_upstream: http://127.0.0.1:8080   # where adapter ids that name no route
 routes:
   sentiment:                       # clients call adapter_id / model = "sentiment"
     mode: template                 # template: arms render their prompt from the input; passthrough: as sent
-    input: text                    # the client's prompt fills {{text}}
+    input: text                    # the client's prompt: {{text}} in a template, a task prompt's input field
     metrics: {correct: {type: boolean, goal: maximize}}
     arms:
       teacher: {role: control, upstream: http://127.0.0.1:8080, adapter: null, prompt: {task: sentiment, role: teacher}, weight: 50, fallback: true}
       student-v1: {role: candidate, upstream: http://127.0.0.1:8080, adapter: s@v1, prompt: {task: sentiment, role: student}, weight: 50, timeout_s: 10}
-      student-v2: {role: candidate, upstream: http://127.0.0.1:8080, adapter: s@v2, template: "Review: {{text}}\nSentiment:", weight: 0}
+      student-v2: {role: candidate, upstream: http://127.0.0.1:8080, adapter: s@v2, prompt: {task: sentiment, role: student}, weight: 0}
     shadow: [{arm: student-v2, fraction: 0.1, compare: exact}]   # a weight-0 arm, mirrored only
 ```
 
-An arm's prompt is either its own ``template`` (``serving.prompts`` syntax: ``{{text}}`` is the
-route's input, single braces are literal text) or a task's, named by ``prompt: {task, role}`` so the
-route sends exactly what the adapter was trained on: the task's teacher or student template, with
-the client's prompt in the task's one input field. The task (a built-in name or a task YAML path)
-is read when the file is loaded, which makes abtest depend on ``training.task`` (abtest → training);
-the arm's ``template`` then holds the resolved text, and ``template_version`` names it.
+An arm's prompt is either its own ``template`` (``serving.prompts`` syntax, e.g.
+``"Summarise: {{text}}"`` with the route's input in double braces; single braces are literal
+text) or a task's, named by ``prompt: {task, role}`` so the route sends exactly what the adapter
+was trained on: the task's teacher or student template, the client's prompt in its one input
+field. The task (a built-in name or a task YAML path) is read when the file is loaded, which makes
+abtest depend on ``training.task`` (abtest → training); the arm's ``template`` then holds the
+resolved text, which ``template_version`` names on log rows.
 
 ``load`` reports every problem at once, each with its field path and a fix; unknown keys are
 refused. ``TrafficConfig.version_hash`` is a hash of the canonical content, stamped on log rows.
@@ -36,10 +37,10 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from pydantic import ValidationError as PydanticValidationError
 
 from serving import prompts
@@ -85,7 +86,7 @@ class Arm(_Strict):
     timeout_s: float = Field(default=30.0, gt=0)
 
     @model_serializer(mode="wrap")
-    def _as_written(self, handler):
+    def _as_written(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
         if self.prompt is not None:
             data.pop("template", None)  # derived from the task at load, so a dump parses again

@@ -153,7 +153,7 @@ class Task(_Strict):
         return self.metrics or list(_FORMAT_METRICS[self.output.type])
 
     @cached_property
-    def _templates(self) -> dict[str, Template]:
+    def _templates(self) -> dict[Role, Template]:
         return {role: Template(getattr(self, f"{role}_template")) for role in ROLES}
 
     def template(self, role: Role) -> Template:
@@ -170,7 +170,11 @@ class Task(_Strict):
 
     def inputs_from_prompt(self, prompt: str) -> dict[str, str] | None:
         """Recover the input fields from a rendered teacher or student prompt (e.g. a logged request); None if neither matches."""
-        return next((inputs for template in self._templates.values() if (inputs := template.match(prompt)) is not None), None)
+        for template in self._templates.values():
+            inputs = template.match(prompt)
+            if inputs is not None:
+                return inputs
+        return None
 
     def input_text(self, inputs: Mapping[str, Any]) -> str:
         """The inputs as one string: what near-duplicate detection compares."""
