@@ -268,7 +268,7 @@ class Router:
         last = targets[-1]
         error = UpstreamError(f"no upstream of route {exchange.route!r} answered; see the router's log")
         self.metrics.observe_request(last.route, last.arm, error.outcome)
-        self._log(exchange, last, Answer(), error.status_code, error.outcome, None)
+        self._log(exchange, last, Answer(), error.status_code, error.outcome, None, None)
         raise error
 
     def _headers(self, exchange: RoutedCall, target: Target, upstream: aiohttp.ClientResponse) -> dict[str, str]:
