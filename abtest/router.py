@@ -8,14 +8,13 @@ instead. Ids that name no route pass straight through to ``default_upstream``.
 
 Every exchange goes to the request log and to per route x arm metrics; shadow arms get a copy in
 the background; ``POST /feedback`` scores an exchange. The config file is re-read when it changes
-(a bad file is refused and the old one kept). Every refusal is a ``RouterError``, answered as
-``{"error", "error_type"}`` by one handler.
+(a bad file is refused and the old one kept). Every refusal is a ``serving.errors`` class,
+answered as ``{"error", "error_type"}`` by the handler the inference server uses too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import aiohttp
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from abtest import config as traffic
@@ -36,6 +35,15 @@ from abtest.assignment import assign
 from abtest.circuit_breaker import CircuitBreaker
 from abtest.protocol import GENERATION_PATHS, Answer, BadCall, Call, StreamAnswer, answer_from_json, for_arm, parse_call
 from monitoring.metrics import DEFAULT_ARM_LABEL, PASSTHROUGH_ROUTE_LABEL, RouterMetrics
+from serving import auth
+from serving.errors import (
+    AdapterNotFoundError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UpstreamError,
+    ValidationError,
+    install_error_handlers,
+)
 from serving.request_log import Exchange, Feedback, RequestLog, hash_unit, new_request_id
 
 log = logging.getLogger("stillhouse.router")
@@ -43,16 +51,6 @@ log = logging.getLogger("stillhouse.router")
 PIN_HEADER = "x-stillhouse-arm"  # debugging: pin a request to an arm of its route
 # Upstream headers not relayed: hop-by-hop ones, and those the router sets itself.
 _DROPPED_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server", "x-request-id"}
-
-
-class RouterError(Exception):
-    """A request the router refuses or cannot answer, with LoRAX's error shape."""
-
-    def __init__(self, status_code: int, error_type: str, message: str):
-        super().__init__(message)
-        self.status_code = status_code
-        self.error_type = error_type
-        self.message = message
 
 
 class UpstreamFailure(Exception):
@@ -185,39 +183,21 @@ class Router:
 
     # --- checks ---------------------------------------------------------------------------
 
-    def check_admin(self, request: Request) -> None:
-        """401 without a bearer token, 403 with a wrong one or when no admin token is set."""
-        if not self.settings.admin_token:
-            raise RouterError(403, "forbidden", "the admin API is disabled; start the router with --admin-token TOKEN")
-        token = _bearer(request)
-        if token is None:
-            raise RouterError(401, "unauthorized", "send the admin token as `Authorization: Bearer TOKEN`")
-        if not hmac.compare_digest(token.encode(), self.settings.admin_token.encode()):
-            raise RouterError(403, "forbidden", "wrong admin token")
-
-    def check_client(self, request: Request) -> None:
-        """When client API keys are configured, every call must carry one."""
-        if not self.settings.api_keys:
-            return
-        token = _bearer(request)
-        if token is None or not any(hmac.compare_digest(token.encode(), key.encode()) for key in self.settings.api_keys):
-            raise RouterError(401, "unauthorized", "send a valid API key as `Authorization: Bearer KEY`")
-
     async def read_body(self, request: Request) -> object:
         """The JSON body, refusing bodies over the size limit before reading them whole."""
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise RouterError(413, "validation", f"the body is over {limit} bytes; send a shorter prompt")
+            raise PayloadTooLargeError(f"the body is over {limit} bytes; send a shorter prompt")
         data = bytearray()
         async for chunk in request.stream():
             data += chunk
             if len(data) > limit:
-                raise RouterError(413, "validation", f"the body is over {limit} bytes; send a shorter prompt")
+                raise PayloadTooLargeError(f"the body is over {limit} bytes; send a shorter prompt")
         try:
             return json.loads(data)
         except ValueError as error:
-            raise RouterError(422, "validation", f"the body is not valid JSON: {error}") from error
+            raise ValidationError(f"the body is not valid JSON: {error}") from error
 
     # --- routing --------------------------------------------------------------------------
 
@@ -228,8 +208,8 @@ class Router:
         if route is None:
             upstream = config.default_upstream
             if not upstream:
-                raise RouterError(424, "generation", f"{call.route_key!r} names no route and the config sets no default_upstream; "
-                                  f"use one of {sorted(config.routes)}")
+                raise AdapterNotFoundError(f"{call.route_key!r} names no route and the config sets no default_upstream; "
+                                           f"use one of {sorted(config.routes)}")
             exchange = RoutedCall(request_id, call, config, PASSTHROUGH_ROUTE_LABEL, None)
             target = Target(PASSTHROUGH_ROUTE_LABEL, DEFAULT_ARM_LABEL, upstream, call.route_key, call.path, call.body,
                             self.settings.passthrough_timeout_s)
@@ -262,7 +242,7 @@ class Router:
         return Target(route_name, arm_name, arm.upstream, arm.adapter, path, body, arm.timeout_s, traffic.template_version(template))
 
     async def answer(self, call: Call, request: Request) -> Response:
-        """Proxy a call, falling back arm by arm; raise ``RouterError`` when none answers."""
+        """Proxy a call, falling back arm by arm; raise ``UpstreamError`` when none answers."""
         request_id = new_request_id()
         exchange, targets = self.plan(call, request, request_id)
         failed = None
@@ -286,9 +266,10 @@ class Router:
             self.breaker.success(key)
             return response
         last = targets[-1]
-        self.metrics.observe_request(last.route, last.arm, "upstream_error")
-        self._log(exchange, last, Answer(), 502, "upstream_error", None)
-        raise RouterError(502, "upstream", f"no upstream of route {exchange.route!r} answered; see the router's log")
+        error = UpstreamError(f"no upstream of route {exchange.route!r} answered; see the router's log")
+        self.metrics.observe_request(last.route, last.arm, error.outcome)
+        self._log(exchange, last, Answer(), error.status_code, error.outcome, None, None)
+        raise error
 
     def _headers(self, exchange: RoutedCall, target: Target, upstream: aiohttp.ClientResponse) -> dict[str, str]:
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROPPED_HEADERS}
@@ -467,40 +448,34 @@ class Router:
     async def feedback(self, body: object) -> dict:
         """Validate ``{request_id, metric, value}`` against the route's metrics and record it."""
         if not isinstance(body, dict) or set(body) != {"request_id", "metric", "value"}:
-            raise RouterError(422, "validation", "send exactly {\"request_id\": ..., \"metric\": ..., \"value\": ...}")
+            raise ValidationError("send exactly {\"request_id\": ..., \"metric\": ..., \"value\": ...}")
         request_id, metric, value = body["request_id"], body["metric"], body["value"]
         known = self._arms.get(str(request_id))
         if known is None and self.request_log is not None:
             row = await asyncio.to_thread(self._logged, str(request_id))  # off the event loop: it may wait for the writer
             known = (row.route, row.arm) if row and row.route and row.arm else None
         if known is None:
-            raise RouterError(404, "not_found", f"no routed request has id {request_id!r}; send the x-request-id of a response")
+            raise NotFoundError(f"no routed request has id {request_id!r}; send the x-request-id of a response")
         route_name, arm = known
         route = self.holder.config.routes.get(route_name)
         spec = route.metrics.get(metric) if route else None
         if spec is None:
             declared = sorted(route.metrics) if route else []
-            raise RouterError(422, "validation", f"route {route_name!r} declares no metric {metric!r}; declared: {declared}")
+            raise ValidationError(f"route {route_name!r} declares no metric {metric!r}; declared: {declared}")
         if isinstance(value, bool):
             value = float(value)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise RouterError(422, "validation", f"`value` must be a finite number, got {value!r}")
+            raise ValidationError(f"`value` must be a finite number, got {value!r}")
         if spec.type == "boolean" and value not in (0, 1):
-            raise RouterError(422, "validation", f"{metric} is boolean: send true/false or 0/1")
+            raise ValidationError(f"{metric} is boolean: send true/false or 0/1")
         self.metrics.observe_feedback(route_name, arm, metric, float(value))
         if self.request_log is not None:
             self.request_log.feedback(Feedback(str(request_id), metric, float(value)))
         return {"request_id": request_id, "route": route_name, "arm": arm, "metric": metric, "value": float(value)}
 
-
     def _logged(self, request_id: str) -> Exchange | None:
         self.request_log.flush()
         return self.request_log.store.arm_of(request_id)
-
-
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    return header[7:].strip() if header.lower().startswith("bearer ") else None
 
 
 def _json(content: bytes) -> object:
@@ -525,9 +500,13 @@ def create_app(router: Router) -> FastAPI:
 
     app = FastAPI(title="Stillhouse A/B router", lifespan=lifespan)
 
-    @app.exception_handler(RouterError)
-    async def _router_error(request: Request, error: RouterError):
-        return JSONResponse({"error": error.message, "error_type": error.error_type}, status_code=error.status_code)
+    install_error_handlers(app)
+
+    def check_client(request: Request) -> None:
+        auth.check_api_key(request, router.settings.api_keys)
+
+    def check_admin(request: Request) -> None:
+        auth.check_admin(request, router.settings.admin_token, command="router")
 
     @app.get("/health")
     async def health():
@@ -538,12 +517,12 @@ def create_app(router: Router) -> FastAPI:
         return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def generation(request: Request):
-        router.check_client(request)
+        check_client(request)
         body = await router.read_body(request)
         try:
             call = parse_call(request.url.path, body)
         except BadCall as error:
-            raise RouterError(422, "validation", str(error)) from error
+            raise ValidationError(str(error)) from error
         return await router.answer(call, request)
 
     for path in sorted(GENERATION_PATHS):
@@ -551,25 +530,25 @@ def create_app(router: Router) -> FastAPI:
 
     @app.post("/feedback")
     async def feedback(request: Request):
-        router.check_client(request)
+        check_client(request)
         return await router.feedback(await router.read_body(request))
 
     @app.get("/admin/config")
     async def admin_config(request: Request):
-        router.check_admin(request)
+        check_admin(request)
         config = router.holder.config
         return {"version": config.version_hash, "path": str(router.settings.config_path), "config": config.model_dump(mode="json")}
 
     @app.post("/admin/weights")
     async def admin_weights(request: Request):
-        router.check_admin(request)
+        check_admin(request)
         body = await router.read_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("route"), str) or not isinstance(body.get("weights"), dict):
-            raise RouterError(422, "validation", "send {\"route\": NAME, \"weights\": {ARM: WEIGHT}}")
+            raise ValidationError("send {\"route\": NAME, \"weights\": {ARM: WEIGHT}}")
         try:
             config = traffic.with_weights(router.holder.config, body["route"], body["weights"])
         except traffic.ConfigError as error:
-            raise RouterError(422, "validation", "; ".join(str(p) for p in error.problems)) from error
+            raise ValidationError("; ".join(str(p) for p in error.problems)) from error
         router.holder.replace(config)
         log.info("weights of route %s set to %s: version %s", body["route"], body["weights"], config.version_hash)
         return {"version": config.version_hash, "route": body["route"], "weights": config.routes[body["route"]].weights()}

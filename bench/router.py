@@ -66,10 +66,10 @@ def stub_process(port: int):
 
 def server_process(port: int, registry: Path):
     code = (
-        "import sys, uvicorn; from stillhouse import build_parser; from serving.cli import build_service; "
+        "import sys, uvicorn; from stillhouse import build_parser; from serving.cli import serve_settings; from serving.service import build_service; "
         "from serving.server import create_app; "
         f"args = build_parser().parse_args(['serve', '--base', 'tiny', '--registry', '{registry}', '--max-queue', '512']); "
-        f"uvicorn.run(create_app(build_service(args)), host='127.0.0.1', port={port}, log_level='warning', access_log=False)"
+        f"uvicorn.run(create_app(build_service(serve_settings(args))), host='127.0.0.1', port={port}, log_level='warning', access_log=False)"
     )
     return process([PYTHON, "-c", code], port)
 

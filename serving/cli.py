@@ -7,6 +7,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serving.service import ServeSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -198,49 +202,28 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from serving import demo
 
-    return demo.run(args)
+    return demo.run(args, serve_settings(args))
 
 
-def build_service(args: argparse.Namespace):
-    """The engine, registry and settings for `stillhouse serve` (also used by the demo)."""
-    from serving import base_models
-    from serving.engines.torch_engine import TorchEngine
-    from serving.registry import Registry, default_registry_dir
-    from serving.server import ServerSettings, Service
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The settings the `serve` and `demo` flags describe."""
+    from serving.service import ServerSettings, ServeSettings
 
-    base_dir = base_models.provision(args.base)
-    model_name = base_models.base_identity(base_dir).name
-    registry = Registry(args.registry or default_registry_dir())
-    if getattr(args, "engine", "torch") == "vllm":
-        engine = _vllm_engine(args, base_dir, model_name, registry)
-    else:
-        engine = TorchEngine(
-            base_dir,
-            model_name,
-            max_queue=args.max_queue,
-            max_resident_adapters=args.max_resident_adapters,
-            max_total_tokens=args.max_total_tokens,
-        )
-    settings = ServerSettings(
-        profile=args.profile, admin_token=args.admin_token, default_max_new_tokens=args.default_max_new_tokens
+    server = ServerSettings(
+        profile=args.profile,
+        admin_token=args.admin_token,
+        default_max_new_tokens=args.default_max_new_tokens,
+        request_log=getattr(args, "request_log", None),  # `demo` has no request log
     )
-    return Service(engine=engine, registry=registry, base_dir=base_dir, settings=settings)
-
-
-def _vllm_engine(args: argparse.Namespace, base_dir: Path, model_name: str, registry):
-    """A vLLM engine whose --max-lora-rank covers the registry's adapters within the profile."""
-    from serving import servability
-    from serving.engines.vllm_engine import VllmEngine, max_lora_rank_for
-
-    ranks = [int(e.metadata["rank"]) for e in registry.list() if e.metadata.get("rank")]
-    return VllmEngine(
-        base_dir,
-        model_name,
-        url=args.engine_url,
+    return ServeSettings(
+        base=args.base,
+        registry=args.registry,
+        engine=args.engine,
+        engine_url=args.engine_url,
         max_queue=args.max_queue,
         max_resident_adapters=args.max_resident_adapters,
         max_total_tokens=args.max_total_tokens,
-        max_lora_rank=max_lora_rank_for(ranks, servability.get_profile(args.profile).ranks),
+        server=server,
     )
 
 
@@ -248,10 +231,9 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serving.server import create_app
+    from serving.service import build_service
 
-    service = build_service(args)
-    service.settings.request_log = args.request_log
-    app = create_app(service)
+    app = create_app(build_service(serve_settings(args)))
     print(f"serving on http://{args.host}:{args.port} (LoRAX: POST /, /generate; OpenAI: /v1/...)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

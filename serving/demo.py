@@ -12,6 +12,8 @@ import socket
 import threading
 import time
 
+from serving.service import ServeSettings, build_service
+
 FEW_SHOT = (
     "Review: The room was spotless and the staff were wonderful.\nSentiment: positive\n\n"
     "Review: The food arrived cold and the waiter was rude.\nSentiment: negative\n\n"
@@ -32,18 +34,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, settings: ServeSettings) -> int:
     import httpx
     import lorax
     import openai
     import uvicorn
 
-    from serving.cli import build_service
     from serving.server import create_app
 
     # --- setup: the base model and a server on a free loopback port
     args.port = args.port or _free_port()
-    service = build_service(args)
+    service = build_service(settings)
     server = uvicorn.Server(uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -1,74 +1,152 @@
-"""Errors a client can cause, each mapped to LoRAX's ``error_type`` and HTTP status.
+"""Errors a client can cause, each with its HTTP status, LoRAX ``error_type`` and metric outcome.
 
-One exception class per failure kind, one handler in the server app: the body is always
-``{"error": message, "error_type": type}``, which lorax-client maps to its own classes.
+One exception class per failure kind, one handler for the server and the router alike
+(``install_error_handlers``): the body is always ``{"error": message, "error_type": type}``,
+which lorax-client maps to its own classes. ``outcome`` is the ``outcome`` label a refused
+request is counted under (``monitoring.metrics.OUTCOMES``; ``upstream_error`` is the router's);
+``None`` marks refusals that are not generation requests and are never counted.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
 
 class ServingError(Exception):
-    """Base class: a request the server refuses, with a LoRAX error type and status."""
+    """Base class: a request refused or failed, with a LoRAX error type, status and outcome."""
 
-    error_type = "generation"
     status_code = 424
+    error_type = "generation"
+    outcome: str | None = "generation"
 
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
 
+    def body(self) -> dict:
+        """The LoRAX error body, as a response or as a stream's last event."""
+        return {"error": self.message, "error_type": self.error_type}
+
 
 class ValidationError(ServingError):
     """Bad parameters, an empty prompt, or a prompt longer than the model allows."""
 
-    error_type = "validation"
     status_code = 422
+    error_type = "validation"
+    outcome = "validation"
+
+
+class PayloadTooLargeError(ValidationError):
+    """The request body is over the size limit."""
+
+    status_code = 413
 
 
 class AdapterNotFoundError(ServingError):
-    """The adapter id names nothing in the registry (LoRAX reports load failures as 424)."""
+    """The adapter id names nothing in the registry, or no route (LoRAX reports load failures as 424)."""
 
-    error_type = "generation"
-    status_code = 424
+    outcome = "not_found"
 
 
 class AdapterNotServableError(ServingError):
     """The adapter exists but fails the servability check."""
 
-    error_type = "generation"
-    status_code = 424
+    outcome = "not_servable"
+
+
+class AdapterRefusedError(AdapterNotServableError):
+    """An adapter offered for registration fails the servability check (vLLM's load endpoint answers 400)."""
+
+    status_code = 400
+
+
+class NotFoundError(ServingError):
+    """An admin or feedback call names something that is not there (not a loaded adapter, no request id)."""
+
+    status_code = 404
+    error_type = "not_found"
+    outcome = None
 
 
 class OverloadedError(ServingError):
     """The bounded request queue is full: retry later."""
 
-    error_type = "overloaded"
     status_code = 429
+    error_type = "overloaded"
+    outcome = "overloaded"
 
 
 class GenerationError(ServingError):
     """The engine failed while generating."""
 
-    error_type = "generation"
-    status_code = 424
-
 
 class IncompleteGenerationError(ServingError):
     """Generation stopped before it finished (for example at server shutdown)."""
 
-    error_type = "incomplete_generation"
     status_code = 500
+    error_type = "incomplete_generation"
+    outcome = "incomplete"
+
+
+class UpstreamError(ServingError):
+    """No upstream of a route answered (the router tried every arm it may)."""
+
+    status_code = 502
+    error_type = "upstream"
+    outcome = "upstream_error"
+
+
+class UnhealthyError(ServingError):
+    """The server is starting or stopping."""
+
+    status_code = 503
+    error_type = "healthcheck"
+    outcome = None
 
 
 class UnauthorizedError(ServingError):
-    """No admin token was sent."""
+    """No token was sent, or a client API key is missing or wrong."""
 
-    error_type = "unauthorized"
     status_code = 401
+    error_type = "unauthorized"
+    outcome = None
 
 
 class ForbiddenError(ServingError):
     """A wrong admin token was sent, or the admin API is disabled."""
 
-    error_type = "forbidden"
     status_code = 403
+    error_type = "forbidden"
+    outcome = None
+
+
+def request_validation_error(error: RequestValidationError) -> ValidationError:
+    """FastAPI's body validation failure as one ``ValidationError`` naming every bad field."""
+    messages = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"] if part != "body")
+        messages.append(f"{where or 'body'}: {problem['msg']}")
+    return ValidationError("; ".join(messages))
+
+
+def install_error_handlers(app: FastAPI, on_invalid_body: Callable[[Request], None] | None = None) -> None:
+    """Answer every ``ServingError`` and every unparseable body of ``app`` as ``{"error", "error_type"}``.
+
+    ``on_invalid_body`` is told about bodies FastAPI refused before a handler ran (the server
+    counts them, as no handler did).
+    """
+
+    async def serving_error(request: Request, error: ServingError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status_code)
+
+    async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
+        if on_invalid_body is not None:
+            on_invalid_body(request)
+        return await serving_error(request, request_validation_error(error))
+
+    app.add_exception_handler(ServingError, serving_error)
+    app.add_exception_handler(RequestValidationError, invalid_body)

@@ -7,12 +7,12 @@ Field names, defaults and validation follow LoRAX's router (``router/src/lib.rs`
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import AsyncIterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serving.engines.base import MAX_ALTERNATIVES, GenerationResult, PrefillToken, SamplingParams, TokenInfo
-from serving.errors import ValidationError
+from serving.engines.base import MAX_ALTERNATIVES, Event, GenerationResult, PrefillToken, SamplingParams, TokenEvent, TokenInfo
+from serving.errors import ServingError
 
 
 class MergedAdapters(BaseModel):
@@ -116,13 +116,6 @@ def sampling_params(parameters: GenerateParameters, max_new_tokens: int) -> Samp
     )
 
 
-def check_stop_count(parameters: GenerateParameters, max_stop_sequences: int) -> None:
-    if len(parameters.stop) > max_stop_sequences:
-        raise ValidationError(
-            f"`stop` supports up to {max_stop_sequences} stop sequences. Given: {len(parameters.stop)}"
-        )
-
-
 def token_json(token: TokenInfo) -> dict:
     body = {"id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special, "skipped": False}
     if token.alternatives is not None:  # LoRAX omits the key when none were asked for
@@ -165,3 +158,39 @@ def stream_event(token: TokenInfo, result: GenerationResult | None, parameters: 
                 "seed": result.seed,
             }
     return event
+
+
+async def stream_events(events: AsyncIterator[Event], parameters: GenerateParameters, prompt: str) -> AsyncIterator[dict]:
+    """The ``StreamResponse`` events for the engine's events; an engine error ends them with an error event.
+
+    The last token travels with the final text, so each token waits for the next engine event.
+    """
+    pending: TokenEvent | None = None
+    try:
+        async for event in events:
+            if isinstance(event, GenerationResult):
+                if pending is not None:
+                    yield stream_event(pending.token, event, parameters, prompt)
+                return
+            if pending is not None:
+                yield stream_event(pending.token, None, parameters, prompt)
+            pending = event
+    except ServingError as error:
+        yield error.body()
+
+
+def timing_headers(model_name: str, adapter_id: str, result: GenerationResult, total_s: float) -> dict[str, str]:
+    """LoRAX's response headers (times in ms), which the A/B router reads per arm."""
+    per_token = (result.total_time_s - result.time_to_first_token_s) / max(result.generated_tokens - 1, 1)
+    return {
+        "x-model-id": model_name,
+        "x-adapter-id": adapter_id,
+        "x-prompt-tokens": str(result.prompt_tokens),
+        "x-generated-tokens": str(result.generated_tokens),
+        "x-total-tokens": str(result.prompt_tokens + result.generated_tokens),
+        "x-queue-time": str(round(result.queue_time_s * 1000)),
+        "x-inference-time": str(round((result.total_time_s - result.queue_time_s) * 1000)),
+        "x-time-to-first-token": str(round(result.time_to_first_token_s * 1000)),
+        "x-time-per-output-token": str(round(per_token * 1000)),
+        "x-total-time": str(round(total_s * 1000)),
+    }

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from typing import Literal
+from typing import AsyncIterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serving.engines.base import MAX_ALTERNATIVES, GenerationResult, SamplingParams
+from serving.engines.base import MAX_ALTERNATIVES, Event, GenerationResult, SamplingParams
+from serving.errors import ServingError
 
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 
@@ -62,6 +63,10 @@ class _Common(BaseModel):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def answer_text(self, result: GenerationResult) -> str:
+        """The generated text as OpenAI answers it: cut before the stop sequence."""
+        return strip_stop(result.generated_text, result, self.stop_sequences())
 
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
@@ -318,3 +323,42 @@ class StopTextStream:
                     longest = max(longest, size)
                     break
         return longest
+
+
+async def stream_chunks(
+    events: AsyncIterator[Event], body: CompletionRequest | ChatCompletionRequest, request_id: str, model: str, prompt: str
+) -> AsyncIterator[dict | str]:
+    """The streamed chunks for the engine's events, then ``[DONE]``; an engine error ends them with an error event.
+
+    Chat opens with the assistant role; completions echo the prompt when asked. Stop sequences
+    are held back (``StopTextStream``) and never sent.
+    """
+    chat = isinstance(body, ChatCompletionRequest)
+    held = StopTextStream(body.stop_sequences())
+
+    def chunk(text: str | None, finish: str | None, role: bool = False) -> dict:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+            return chat_chunk(request_id, model, delta, finish)
+        return completion_chunk(request_id, model, text or "", finish)
+
+    try:
+        if chat:
+            yield chunk(None, None, role=True)
+        elif body.echo:
+            yield chunk(prompt, None)
+        async for event in events:
+            if isinstance(event, GenerationResult):
+                rest = held.finish(body.answer_text(event))
+                if rest:
+                    yield chunk(rest, None)
+                yield chunk(None if chat else "", FINISH_REASONS[event.finish_reason])
+                if body.include_usage_in_stream():
+                    yield usage_chunk(request_id, model, "chat.completion.chunk" if chat else "text_completion", event)
+                break
+            piece = held.push(event.token.text)
+            if piece:
+                yield chunk(piece, None)
+        yield "[DONE]"
+    except ServingError as error:
+        yield error.body()

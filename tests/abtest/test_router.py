@@ -248,3 +248,29 @@ def test_streams_fall_back_before_the_first_byte(tmp_path, stubs):
         metrics = CLIENT.get(f"{url}/metrics").text
     assert 'stillhouse_router_requests_total{arm="teacher",outcome="fallback",route="sentiment"} 1.0' in metrics
     assert 'stillhouse_router_upstream_errors_total{arm="student",reason="connect",route="sentiment"} 1.0' in metrics
+
+
+def test_every_refusal_has_the_lorax_error_shape(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: every arm fails
+    config = write_config(tmp_path / "traffic.yaml", dead, dead)
+    del config["default_upstream"]
+    (tmp_path / "traffic.yaml").write_text(yaml.safe_dump(config))
+    with running_router(tmp_path / "traffic.yaml", admin_token=ADMIN, api_keys=frozenset({"k1"}), max_body_bytes=300) as (url, _):
+        key = {"Authorization": "Bearer k1"}
+        routed = {"inputs": "x", "parameters": {"adapter_id": "sentiment"}}
+        refusals = [
+            (401, "unauthorized", CLIENT.post(f"{url}/generate", json=routed)),
+            (401, "unauthorized", CLIENT.get(f"{url}/admin/config")),
+            (403, "forbidden", CLIENT.get(f"{url}/admin/config", headers=key)),
+            (413, "validation", CLIENT.post(f"{url}/generate", json={**routed, "inputs": "x" * 500}, headers=key)),
+            (422, "validation", CLIENT.post(f"{url}/generate", content=b"{not json", headers=key)),
+            (422, "validation", CLIENT.post(f"{url}/generate", json=[routed], headers=key)),
+            (422, "validation", CLIENT.post(f"{url}/feedback", json={"request_id": "f" * 32}, headers=key)),
+            (404, "not_found", CLIENT.post(f"{url}/feedback", json={"request_id": "f" * 32, "metric": "rating", "value": 1}, headers=key)),
+            (424, "generation", CLIENT.post(f"{url}/generate", json={"inputs": "x", "parameters": {"adapter_id": "other"}}, headers=key)),
+            (502, "upstream", CLIENT.post(f"{url}/generate", json=routed, headers=key)),
+        ]
+        for status, error_type, response in refusals:
+            assert response.status_code == status, response.text
+            body = response.json()
+            assert set(body) == {"error", "error_type"} and body["error_type"] == error_type and body["error"]

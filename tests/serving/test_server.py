@@ -290,6 +290,20 @@ def test_openai_stop_is_excluded_and_errors_raise(server):
     assert caught.value.status_code == 424
 
 
+def test_openai_checks_the_stop_sequence_limit(server):
+    url, service = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    too_many = [str(i) for i in range(service.settings.max_stop_sequences + 1)]
+    calls = [
+        lambda: client.completions.create(model="alpha", prompt="x", max_tokens=2, stop=too_many),
+        lambda: client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}], max_tokens=2, stop=too_many),
+    ]
+    for call in calls:
+        with pytest.raises(openai.UnprocessableEntityError) as caught:
+            call()
+        assert caught.value.response.json() == {"error": "`stop` supports up to 4 stop sequences. Given: 5", "error_type": "validation"}
+
+
 # --- admin API ------------------------------------------------------------------------------
 
 
@@ -317,8 +331,30 @@ def test_admin_load_unload_and_vllm_endpoints(server, tiny_base_dir, tmp_path):
     bad = make_lora_adapter(tiny_base_dir, tmp_path / "dora", r=8, use_dora=True)
     refused = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "dora", "lora_path": str(bad)}, headers=auth)
     assert refused.status_code == 400 and "dora" in refused.text.lower()
+    assert refused.json()["error_type"] == "generation"
     assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "gamma"}, headers=auth).status_code == 200
-    assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "gamma"}, headers=auth).status_code == 404
+    again = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "gamma"}, headers=auth)
+    assert again.status_code == 404
+    assert again.json() == {"error": "adapter gamma is not loaded", "error_type": "not_found"}
+
+
+def test_every_refusal_has_the_lorax_error_shape(server):
+    url, _ = server
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "beta"}, headers=auth)
+    refusals = [
+        (401, "unauthorized", httpx.get(f"{url}/admin/adapters")),
+        (403, "forbidden", httpx.get(f"{url}/admin/adapters", headers={"Authorization": "Bearer wrong"})),
+        (404, "not_found", httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "beta"}, headers=auth)),
+        (422, "validation", httpx.post(f"{url}/generate", json={"inputs": ""})),
+        (422, "validation", httpx.post(f"{url}/v1/completions", json={"prompt": "x", "stop": list("abcde")})),
+        (424, "generation", httpx.post(f"{url}/generate", json={"inputs": "x", "parameters": {"adapter_id": "nope"}})),
+        (424, "generation", httpx.post(f"{url}/generate_stream", json={"inputs": "x", "parameters": {"adapter_id": "nope"}})),
+    ]
+    for status, error_type, response in refusals:
+        assert response.status_code == status, response.text
+        body = response.json()
+        assert set(body) == {"error", "error_type"} and body["error_type"] == error_type and body["error"]
 
 
 # --- metrics --------------------------------------------------------------------------------

@@ -1,0 +1,315 @@
+"""What the server's handlers call: adapters, limits, generation, and each exchange's metrics and log row.
+
+``Service`` is protocol-free: a route turns its wire request into a ``Call``, ``prepare``
+resolves the adapter and every limit and default, ``stream``/``complete`` run the engine. Each
+call is counted and logged exactly once, here: a refusal in ``prepare``, everything else when
+the engine stream ends. ``build_service`` assembles a service from ``ServeSettings``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable, Literal
+
+from pydantic import BaseModel
+
+from monitoring.metrics import BASE_ADAPTER_LABEL, ServerMetrics
+from serving import servability
+from serving.engines.base import AdapterRef, Engine, Event, GenerationRequest, GenerationResult, SamplingParams, TokenEvent
+from serving.errors import AdapterNotServableError, IncompleteGenerationError, ServingError, ValidationError
+from serving.registry import Registry
+from serving.request_log import Exchange, RequestLog
+
+UNKNOWN_ADAPTER_LABEL = "__unknown__"  # requests refused before their adapter was known
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the server behaves; every field has a CLI flag in `stillhouse serve`."""
+
+    profile: str = "strict"
+    admin_token: str | None = None
+    default_max_new_tokens: int = 256  # LoRAX uses all remaining context; on CPU that is minutes
+    max_stop_sequences: int = 4
+    max_input_length: int | None = None  # default: max_total_tokens - 1
+    request_log: Path | None = None  # SQLite file recording every exchange
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything `stillhouse serve` builds a service from: base, registry, engine and server settings."""
+
+    base: str = "gemma-3-270m"  # a known base name or a local HF model directory
+    registry: Path | None = None  # default: $STILLHOUSE_HOME/registry
+    engine: Literal["torch", "vllm"] = "torch"
+    engine_url: str | None = None  # vllm: attach to this running server instead of launching one
+    max_queue: int = 64  # requests waiting or running before 429 overloaded
+    max_resident_adapters: int = 8
+    max_total_tokens: int | None = None  # default: the model's, at most 8192
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+    def __post_init__(self):
+        if self.engine not in ("torch", "vllm"):
+            raise ValueError(f"engine {self.engine!r} is not one of torch, vllm")
+        if self.engine_url and self.engine != "vllm":
+            raise ValueError("engine_url attaches to a vLLM server: set engine='vllm' or leave engine_url out")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One generation request as the service sees it, whichever protocol it arrived in."""
+
+    request_id: str
+    arrived: float  # time.perf_counter() at arrival
+    protocol: str  # lorax | openai_completions | openai_chat (the request log's vocabulary)
+    prompt: str
+    parameters: BaseModel  # the wire parameters, logged with the exchange
+    adapter_id: str | None
+    params: SamplingParams  # max_new_tokens is resolved by ``Service.prepare``
+    max_new_tokens: int | None  # as requested; None takes the server's default
+    truncate: int | None = None  # keep only the last ``truncate`` prompt tokens
+    answer_text: Callable[[GenerationResult], str] = lambda result: result.generated_text  # the text the client gets
+
+
+@dataclass
+class Prepared:
+    """A call ready for the engine, and what the engine answered so far."""
+
+    call: Call
+    request: GenerationRequest
+    adapter_label: str
+    adapter_id: str  # as the client should see it: canonical id, or "" for the base
+    started: float
+    result: GenerationResult | None = None
+    error: ServingError | None = None
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@dataclass
+class Service:
+    """Adapter resolution, limits, generation, metrics and the request log, behind every route."""
+
+    engine: Engine
+    registry: Registry
+    base_dir: Path
+    settings: ServerSettings
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    request_log: RequestLog | None = None
+    _servable: set[str] = field(default_factory=set)
+    _loading: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    # --- adapters --------------------------------------------------------------------
+
+    def is_base(self, adapter_id: str | None) -> bool:
+        return not adapter_id or adapter_id == self.engine.model_name
+
+    def resolve(self, adapter_id: str | None) -> AdapterRef | None:
+        """The registry adapter an id names (``None`` for the base), checked for servability once."""
+        if self.is_base(adapter_id):
+            return None
+        entry = self.registry.resolve(adapter_id)
+        if entry.id not in self._servable:
+            violations = servability.check_adapter(entry.path, self.base_dir, profile=self.settings.profile)
+            if violations:
+                reasons = "; ".join(str(v) for v in violations)
+                raise AdapterNotServableError(f"adapter {entry.id} is not servable here ({self.settings.profile} profile): {reasons}")
+            self._servable.add(entry.id)
+        return AdapterRef(adapter_id=entry.id, path=entry.path)
+
+    async def ensure_resident(self, adapter: AdapterRef | None) -> None:
+        """Load an adapter before its first request, so the load time is measured on its own."""
+        if adapter is None or adapter.adapter_id in self.engine.resident_adapters():
+            return
+        async with self._loading:
+            seconds = await self.engine.load_adapter(adapter)
+        if seconds:
+            self.metrics.adapter_load.labels(adapter.adapter_id).observe(seconds)
+        self.metrics.resident_adapters.set(len(self.engine.resident_adapters()))
+
+    async def unload(self, adapter_id: str) -> bool:
+        canonical = self.registry.resolve(adapter_id).id
+        unloaded = await self.engine.unload_adapter(canonical)
+        self.metrics.resident_adapters.set(len(self.engine.resident_adapters()))
+        return unloaded
+
+    # --- limits ----------------------------------------------------------------------
+
+    def max_input_length(self) -> int:
+        return self.settings.max_input_length or self.engine.max_total_tokens - 1
+
+    def check_stop_count(self, stop: tuple[str, ...]) -> None:
+        """Refuse more stop sequences than the server allows (``max_stop_sequences``)."""
+        limit = self.settings.max_stop_sequences
+        if len(stop) > limit:
+            raise ValidationError(f"`stop` supports up to {limit} stop sequences. Given: {len(stop)}")
+
+    def fit(self, ids: list[int], requested_max_new_tokens: int | None, truncate: int | None) -> tuple[list[int], int]:
+        """The prompt ids after ``truncate`` and the new-token budget, within the model's limits."""
+        if truncate is not None and len(ids) > truncate:
+            ids = ids[-truncate:]
+        if len(ids) > self.max_input_length():
+            raise ValidationError(
+                f"`inputs` must have less than {self.max_input_length()} tokens. Given: {len(ids)}; "
+                "shorten the prompt or set `truncate`"
+            )
+        total = self.engine.max_total_tokens
+        max_new = requested_max_new_tokens or min(self.settings.default_max_new_tokens, total - len(ids))
+        if len(ids) + max_new > total:
+            raise ValidationError(
+                f"`inputs` tokens + `max_new_tokens` must be <= {total}. "
+                f"Given: {len(ids)} `inputs` tokens and {max_new} `max_new_tokens`; lower max_new_tokens"
+            )
+        return ids, max_new
+
+    # --- requests --------------------------------------------------------------------
+
+    async def prepare(self, call: Call) -> Prepared:
+        """Resolve the adapter and every limit, and make the adapter resident; a refusal is counted and logged."""
+        started = time.perf_counter()
+        label = UNKNOWN_ADAPTER_LABEL
+        try:
+            self.check_stop_count(call.params.stop)
+            adapter = self.resolve(call.adapter_id)
+            label = adapter.adapter_id if adapter else BASE_ADAPTER_LABEL
+            ids, max_new = self.fit(self.engine.tokenize(call.prompt), call.max_new_tokens, call.truncate)
+            await self.ensure_resident(adapter)
+        except ServingError as error:
+            self.metrics.observe_request(label, error.outcome)
+            self._log(call, None, error)
+            raise
+        params = dataclasses.replace(call.params, max_new_tokens=max_new)
+        return Prepared(
+            call=call,
+            request=GenerationRequest(prompt_ids=ids, params=params, adapter=adapter),
+            adapter_label=label,
+            adapter_id=adapter.adapter_id if adapter else "",
+            started=started,
+        )
+
+    async def stream(self, prepared: Prepared) -> AsyncIterator[Event]:
+        """Engine events for a prepared call; its metrics and log row are recorded when the stream ends.
+
+        Raises ``OverloadedError`` before the first event when the queue is full.
+        """
+        first_token_at = None
+        outcome = "cancelled"
+        self.metrics.queue_depth.set(self.engine.queue_depth() + 1)
+        events = self.engine.generate(prepared.request)
+        try:
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    first_token_at = first_token_at or time.perf_counter()
+                else:
+                    outcome = "success"
+                    prepared.result = event
+                    now = time.perf_counter()
+                    self.metrics.observe_request(
+                        prepared.adapter_label,
+                        "success",
+                        duration_s=now - prepared.started,
+                        ttft_s=(first_token_at or now) - prepared.started,
+                        prompt_tokens=event.prompt_tokens,
+                        generated_tokens=event.generated_tokens,
+                    )
+                yield event
+        except ServingError as error:
+            outcome = error.outcome
+            prepared.error = error
+            raise
+        finally:
+            await events.aclose()
+            if outcome != "success":
+                self.metrics.observe_request(prepared.adapter_label, outcome)
+            self.metrics.queue_depth.set(self.engine.queue_depth())
+            self._log(prepared.call, prepared, prepared.error)
+
+    async def open_stream(self, prepared: Prepared) -> AsyncIterator[Event]:
+        """``stream`` with its first event already pulled, so a full queue is an HTTP error, not a stream event."""
+        events = self.stream(prepared)
+        first = await events.__anext__()
+        return _prepend(first, events)
+
+    async def complete(self, prepared: Prepared) -> GenerationResult:
+        """Run a prepared call to its end."""
+        async for _ in self.stream(prepared):
+            pass
+        if prepared.result is None:
+            raise IncompleteGenerationError("generation ended without a result")
+        return prepared.result
+
+    def _log(self, call: Call, prepared: Prepared | None, error: ServingError | None) -> None:
+        """Queue one exchange for the request log (a no-op without ``--request-log``)."""
+        if self.request_log is None:
+            return
+        result = prepared.result if prepared else None
+        started = prepared.started if prepared else call.arrived
+        self.request_log.record(
+            Exchange(
+                request_id=call.request_id,
+                prompt=call.prompt,
+                protocol=call.protocol,
+                adapter=prepared.adapter_label if prepared else None,
+                output=call.answer_text(result) if result else None,
+                parameters=call.parameters.model_dump(exclude_none=True, exclude={"api_token", "prompt", "messages"}),
+                prompt_tokens=result.prompt_tokens if result else None,
+                generated_tokens=result.generated_tokens if result else None,
+                latency_ms=(time.perf_counter() - started) * 1000,
+                ttft_ms=result.time_to_first_token_s * 1000 if result else None,
+                status=error.status_code if error else 200,
+                outcome=error.outcome if error else ("success" if result else "cancelled"),
+            )
+        )
+
+
+async def _prepend(first: Event, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    try:
+        yield first
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()
+
+
+def build_service(settings: ServeSettings) -> Service:
+    """The engine, registry and server settings `stillhouse serve` runs (provisions the base first)."""
+    from serving import base_models
+    from serving.registry import default_registry_dir
+
+    base_dir = base_models.provision(settings.base)
+    model_name = base_models.base_identity(base_dir).name
+    registry = Registry(settings.registry or default_registry_dir())
+    if settings.engine == "vllm":
+        engine = _vllm_engine(settings, base_dir, model_name, registry)
+    else:
+        from serving.engines.torch_engine import TorchEngine
+
+        engine = TorchEngine(
+            base_dir,
+            model_name,
+            max_queue=settings.max_queue,
+            max_resident_adapters=settings.max_resident_adapters,
+            max_total_tokens=settings.max_total_tokens,
+        )
+    return Service(engine=engine, registry=registry, base_dir=base_dir, settings=settings.server)
+
+
+def _vllm_engine(settings: ServeSettings, base_dir: Path, model_name: str, registry: Registry) -> Engine:
+    """A vLLM engine whose --max-lora-rank covers the registry's adapters within the profile."""
+    from serving.engines.vllm_engine import VllmEngine, max_lora_rank_for
+
+    ranks = [int(e.metadata["rank"]) for e in registry.list() if e.metadata.get("rank")]
+    return VllmEngine(
+        base_dir,
+        model_name,
+        url=settings.engine_url,
+        max_queue=settings.max_queue,
+        max_resident_adapters=settings.max_resident_adapters,
+        max_total_tokens=settings.max_total_tokens,
+        max_lora_rank=max_lora_rank_for(ranks, servability.get_profile(settings.server.profile).ranks),
+    )

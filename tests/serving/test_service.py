@@ -1,0 +1,82 @@
+"""The service behind every route: settings, limits and defaults, refusals counted once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import stillhouse
+from monitoring.metrics import BASE_ADAPTER_LABEL
+from serving.cli import serve_settings
+from serving.engines.base import SamplingParams
+from serving.engines.torch_engine import TorchEngine
+from serving.errors import ValidationError
+from serving.protocol import lorax
+from serving.registry import Registry
+from serving.service import UNKNOWN_ADAPTER_LABEL, Call, ServerSettings, ServeSettings, Service, build_service
+
+
+def test_serve_flags_become_settings(tmp_path):
+    args = stillhouse.build_parser().parse_args([
+        "serve", "--base", "tiny", "--registry", str(tmp_path), "--max-queue", "3", "--admin-token", "t",
+        "--default-max-new-tokens", "7", "--request-log", str(tmp_path / "log.db"),
+    ])  # fmt: skip
+    server = ServerSettings(admin_token="t", default_max_new_tokens=7, request_log=tmp_path / "log.db")
+    assert serve_settings(args) == ServeSettings(base="tiny", registry=tmp_path, max_queue=3, server=server)
+
+
+def test_settings_refuse_an_unknown_engine_and_a_stray_engine_url():
+    with pytest.raises(ValueError, match="engine 'tensorrt' is not one of torch, vllm"):
+        ServeSettings(engine="tensorrt")
+    with pytest.raises(ValueError, match="engine='vllm'"):
+        ServeSettings(engine_url="http://127.0.0.1:8000")
+
+
+def test_build_service(tmp_path, tiny_base_dir):
+    service = build_service(ServeSettings(base="tiny", registry=tmp_path, max_total_tokens=64, server=ServerSettings(profile="lorax")))
+    assert isinstance(service.engine, TorchEngine) and service.engine.max_total_tokens == 64
+    assert service.registry.root == tmp_path and service.settings.profile == "lorax"
+
+
+@pytest.fixture(scope="module")
+def service(tiny_base_dir, tmp_path_factory):
+    """A service over an engine that is never started: ``prepare`` of the base needs no model."""
+    engine = TorchEngine(tiny_base_dir, "tiny", max_total_tokens=64)
+    return Service(engine, Registry(tmp_path_factory.mktemp("registry")), tiny_base_dir, ServerSettings(default_max_new_tokens=16))
+
+
+def call(prompt: str, *, stop: tuple[str, ...] = (), max_new_tokens: int | None = None, truncate: int | None = None) -> Call:
+    parameters = lorax.GenerateParameters()
+    return Call("0" * 32, 0.0, "lorax", prompt, parameters, None, SamplingParams(stop=stop), max_new_tokens, truncate)
+
+
+def refusals(service: Service, adapter: str) -> float:
+    value = service.metrics.registry.get_sample_value("stillhouse_server_requests_total", {"adapter": adapter, "outcome": "validation"})
+    return value or 0.0
+
+
+def test_defaults_and_truncation(service):
+    prepared = asyncio.run(service.prepare(call("one two three")))
+    assert prepared.request.params.max_new_tokens == 16 and prepared.adapter_id == ""
+    long = " ".join(["word"] * 80)
+    prepared = asyncio.run(service.prepare(call(long, truncate=10)))
+    assert len(prepared.request.prompt_ids) == 10
+    ids = service.engine.tokenize(" ".join(["word"] * 55))
+    assert 48 < len(ids) < 63
+    assert service.fit(ids, None, None) == (ids, 64 - len(ids))  # the default shrinks to what the context leaves
+
+
+@pytest.mark.parametrize(
+    "kwargs, message, adapter",
+    [
+        ({"prompt": "x", "stop": tuple("abcde")}, "`stop` supports up to 4 stop sequences. Given: 5", UNKNOWN_ADAPTER_LABEL),
+        ({"prompt": " ".join(["word"] * 80)}, "`inputs` must have less than 63 tokens", BASE_ADAPTER_LABEL),
+        ({"prompt": "x", "max_new_tokens": 100}, r"`inputs` tokens \+ `max_new_tokens` must be <= 64", BASE_ADAPTER_LABEL),
+    ],
+)
+def test_each_limit_is_refused_and_counted_once(service, kwargs, message, adapter):
+    before = refusals(service, adapter)
+    with pytest.raises(ValidationError, match=message):
+        asyncio.run(service.prepare(call(**kwargs)))
+    assert refusals(service, adapter) == before + 1
