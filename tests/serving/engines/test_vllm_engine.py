@@ -27,10 +27,10 @@ from serving.engines.torch_engine import TorchEngine
 from serving.engines.vllm_engine import VllmEngine, max_lora_rank_for
 from serving.engines.vllm_install import DEFAULT_VENV, venv_python
 from serving.errors import AdapterNotServableError, OverloadedError
+from serving.loopback import free_port
 from serving.registry import Registry
 from tests.lora_factory import make_lora_adapter
 from tests.serving import test_server as torch_protocol
-from tests.serving.server_harness import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
