@@ -24,10 +24,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.serving.server_harness import free_port  # noqa: E402
+from serving.loopback import free_port
 
 PYTHON = sys.executable
 
@@ -35,7 +32,7 @@ PYTHON = sys.executable
 @contextmanager
 def process(args: list[str], port: int, ready_path: str = "/health", timeout_s: float = 180):
     """Start a server process and wait until it answers; stop it afterwards."""
-    child = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     try:
@@ -58,8 +55,8 @@ def process(args: list[str], port: int, ready_path: str = "/health", timeout_s: 
 
 def stub_process(port: int):
     code = (
-        "import uvicorn; from tests.abtest.stub_upstream import create_stub; "
-        f"uvicorn.run(create_stub('stub'), host='127.0.0.1', port={port}, log_level='warning', access_log=False)"
+        "import uvicorn; from abtest.echo_upstream import create_echo_upstream; "
+        f"uvicorn.run(create_echo_upstream('stub'), host='127.0.0.1', port={port}, log_level='warning', access_log=False)"
     )
     return process([PYTHON, "-c", code], port, ready_path="/docs")
 
@@ -75,7 +72,7 @@ def server_process(port: int, registry: Path):
 
 
 def router_process(config: Path, port: int):
-    return process([PYTHON, str(ROOT / "stillhouse.py"), "route", "--config", str(config), "--port", str(port)], port)
+    return process([PYTHON, "-m", "stillhouse", "route", "--config", str(config), "--port", str(port)], port)
 
 
 async def run_load(url: str, body: dict, requests: int, concurrency: int) -> tuple[list[float], float]:

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import threading
-import time
 
 from serving.service import ServeSettings, build_service
 
@@ -28,31 +25,22 @@ def sentiment_prompt(review: str) -> str:
     return f"{FEW_SHOT}Review: {review}\nSentiment:"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run(args: argparse.Namespace, settings: ServeSettings) -> int:
     import httpx
     import lorax
     import openai
-    import uvicorn
 
+    from serving.loopback import ThreadedServer
     from serving.server import create_app
 
     # --- setup: the base model and a server on a free loopback port
-    args.port = args.port or _free_port()
     service = build_service(settings)
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise SystemExit("the server failed to start; see the log above")
-        time.sleep(0.1)
-    url = f"http://{args.host}:{args.port}"
+    server = ThreadedServer(create_app(service), host=args.host, port=args.port, start_timeout_s=None)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from exc
+    url = server.url
     print(f"\nserver up at {url} with base {service.engine.model_name}\n")
 
     try:
@@ -80,6 +68,5 @@ def run(args: argparse.Namespace, settings: ServeSettings) -> int:
         print(f"\ncurl {url}/generate -H 'content-type: application/json' -d '{json.dumps(body)}'")
     finally:
         # --- report done; stop what we started
-        server.should_exit = True
-        thread.join(timeout=30)
+        server.stop()
     return 0

@@ -9,14 +9,22 @@ engine changes.
 from __future__ import annotations
 
 import abc
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Literal
 
+from serving.errors import ValidationError
+
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
     from serving.engines.model_text import ModelText
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+#: prompt + generated tokens allowed when neither the caller nor a shorter model limit says otherwise
+DEFAULT_MAX_TOTAL_TOKENS = 8192
 
 #: the most alternatives a request may ask for per generated token (LoRAX
 #: ``return_k_alternatives``, OpenAI ``logprobs``); vLLM's default ``max_logprobs``
@@ -59,6 +67,21 @@ class SamplingParams:
             or (self.typical_p is not None and self.typical_p < 1.0)
         )
         return self.do_sample or warpers
+
+
+def resolve_seed(params: SamplingParams) -> int | None:
+    """The seed a generation runs with: the request's, a fresh random one when sampling without one, None when greedy.
+
+    Results report it, so a sampled answer can be reproduced by sending the seed back.
+    """
+    if not params.sampling:
+        return None
+    return params.seed if params.seed is not None else secrets.randbits(63)
+
+
+def max_total_tokens_for(config: PretrainedConfig, requested: int | None) -> int:
+    """The prompt + generated token limit: ``requested``, else the model's context capped at the default."""
+    return requested or min(getattr(config, "max_position_embeddings", DEFAULT_MAX_TOTAL_TOKENS), DEFAULT_MAX_TOTAL_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -163,6 +186,16 @@ class Engine(abc.ABC):
     def apply_chat_template(self, messages: list[dict]) -> str:
         """The prompt for a chat; a plain ``role: content`` fallback when the model has no template."""
         return self.text.apply_chat_template(messages)
+
+    def check_length(self, request: GenerationRequest) -> None:
+        """Raise ``ValidationError`` for an empty prompt or one that leaves no room for ``max_new_tokens``."""
+        if not request.prompt_ids:
+            raise ValidationError("the prompt is empty")
+        if len(request.prompt_ids) + request.params.max_new_tokens > self.max_total_tokens:
+            raise ValidationError(
+                f"prompt tokens ({len(request.prompt_ids)}) + max_new_tokens ({request.params.max_new_tokens}) "
+                f"must be <= {self.max_total_tokens}"
+            )
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:

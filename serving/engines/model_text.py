@@ -6,11 +6,18 @@ gives the same ids and the same text whichever engine runs the model.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from transformers import GenerationConfig, PretrainedConfig
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from serving import base_models
+from serving.engines.base import Alternative, PrefillToken
+
+
+def text_config(base_dir: Path) -> PretrainedConfig:
+    """The config of the base model's text decoder (the whole config for a text-only model)."""
+    return AutoConfig.from_pretrained(base_dir).get_text_config(decoder=True)
 
 
 class ModelText:
@@ -39,6 +46,21 @@ class ModelText:
     def decode(self, ids: list[int]) -> str:
         """Text for ``ids``, special tokens skipped, spacing left exactly as decoded."""
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own, special tokens included."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def alternatives(self, ranked: Iterable[tuple[int, float]]) -> tuple[Alternative, ...]:
+        """``Alternative``s, with their text, for ``(token id, logprob)`` pairs in the given order."""
+        return tuple(Alternative(id=token_id, text=self.token_text(token_id), logprob=logprob) for token_id, logprob in ranked)
+
+    def prefill_tokens(self, prompt_ids: list[int], logprobs: Sequence[float | None]) -> list[PrefillToken]:
+        """The prompt tokens with their text and log-probabilities; the first has none (nothing precedes it)."""
+        return [
+            PrefillToken(id=token_id, text=self.token_text(token_id), logprob=logprob if position else None)
+            for position, (token_id, logprob) in enumerate(zip(prompt_ids, logprobs))
+        ]
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         """The prompt for a chat, ending where the assistant's reply starts.

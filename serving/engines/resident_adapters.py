@@ -3,6 +3,7 @@
 peft injects every adapter into the same modules, and a forward picks adapters per batch
 row with ``adapter_names`` ("__base__" for none), so no request ever depends on which
 adapter is "active" and a base-model request cannot pick up an adapter by accident.
+Which adapters stay is ``AdapterLRU``'s decision; this module carries it out on the model.
 Every method except ``ids`` mutates the model and must run on the thread that runs forwards.
 """
 
@@ -11,11 +12,11 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import Counter, OrderedDict
 
 from peft import PeftModel
 from transformers import PreTrainedModel
 
+from serving.engines.adapter_lru import AdapterLRU
 from serving.engines.base import AdapterRef
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,14 @@ class ResidentAdapters:
     def __init__(self, base_model: PreTrainedModel, capacity: int):
         self._base = base_model
         self._peft: PeftModel | None = None  # created with the first adapter, dropped with the last
-        self._capacity = capacity
-        self._names: OrderedDict[str, str] = OrderedDict()  # adapter id -> peft name, LRU first
-        self._users: Counter[str] = Counter()
-        self._unload_when_idle: set[str] = set()
+        self._lru = AdapterLRU(capacity)
+        self._names: dict[str, str] = {}  # adapter id -> peft name
         self._name_counter = itertools.count()
-        #: ids of the resident adapters, as an immutable snapshot any thread may read
-        self.ids: tuple[str, ...] = ()
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """Ids of the resident adapters, as an immutable snapshot any thread may read."""
+        return self._lru.ids
 
     @property
     def model(self) -> PreTrainedModel | PeftModel:
@@ -54,12 +56,9 @@ class ResidentAdapters:
 
     def load(self, adapter: AdapterRef) -> float:
         """Make ``adapter`` resident (most recently used); returns the load time, 0 if it was resident."""
-        if adapter.adapter_id in self._names:
-            self._unload_when_idle.discard(adapter.adapter_id)
-            self._names.move_to_end(adapter.adapter_id)
-            self._publish()
+        if self._lru.touch(adapter.adapter_id):
             return 0.0
-        self._evict(room_for=1)
+        self._drop(self._lru.make_room())
         # peft names key ModuleDicts, which reject dots: never use the adapter id itself
         name = f"adapter_{next(self._name_counter)}"
         start = time.perf_counter()
@@ -70,55 +69,32 @@ class ResidentAdapters:
         self._peft.eval()  # LoRA dropout must be off
         seconds = time.perf_counter() - start
         self._names[adapter.adapter_id] = name
-        self._publish()
+        self._lru.add(adapter.adapter_id)
         log.info("loaded adapter %s in %.3f s", adapter.adapter_id, seconds)
         return seconds
 
     def acquire(self, adapter: AdapterRef) -> float:
         """Load ``adapter`` if needed and pin it for one request; returns the load time."""
         seconds = self.load(adapter)
-        self._users[adapter.adapter_id] += 1
+        self._lru.pin(adapter.adapter_id)
         return seconds
 
     def release(self, adapter_id: str) -> None:
         """Unpin an adapter after a request; it becomes evictable when nobody uses it."""
-        self._users[adapter_id] -= 1
-        if self._users[adapter_id] > 0:
-            return
-        del self._users[adapter_id]
-        if adapter_id in self._unload_when_idle:
-            self._drop(adapter_id)
-        self._evict(room_for=0)
+        self._drop(self._lru.release(adapter_id))
 
     def unload(self, adapter_id: str) -> bool:
         """Drop an adapter now, or when its last request finishes; returns whether it was resident."""
-        if adapter_id not in self._names or adapter_id in self._unload_when_idle:
-            return False
-        if self._users[adapter_id]:
-            self._unload_when_idle.add(adapter_id)
-            self._publish()
-        else:
-            self._drop(adapter_id)
-        return True
+        resident, dropped = self._lru.unload(adapter_id)
+        self._drop(dropped)
+        return resident
 
-    def _evict(self, room_for: int) -> None:
-        while len(self._names) + room_for > self._capacity:
-            idle = next((a for a in self._names if not self._users[a]), None)
-            if idle is None:
-                return
-            log.info("evicting adapter %s (least recently used)", idle)
-            self._drop(idle)
-
-    def _drop(self, adapter_id: str) -> None:
-        name = self._names.pop(adapter_id)
-        self._unload_when_idle.discard(adapter_id)
-        if self._names:
-            self._peft.delete_adapter(name)
-        else:
-            # peft cannot run with zero adapters: take the LoRA layers out and return to the base
-            self._base = self._peft.unload()
-            self._peft = None
-        self._publish()
-
-    def _publish(self) -> None:
-        self.ids = tuple(a for a in self._names if a not in self._unload_when_idle)
+    def _drop(self, adapter_ids: list[str]) -> None:
+        for adapter_id in adapter_ids:
+            name = self._names.pop(adapter_id)
+            if self._names:
+                self._peft.delete_adapter(name)
+            else:
+                # peft cannot run with zero adapters: take the LoRA layers out and return to the base
+                self._base = self._peft.unload()
+                self._peft = None

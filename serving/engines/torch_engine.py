@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import secrets
 import threading
 import time
 from collections import deque
@@ -21,36 +20,27 @@ from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
 from serving.engines.base import (
     AdapterRef,
-    Alternative,
     Engine,
     Event,
-    FinishReason,
     GenerationRequest,
     GenerationResult,
     PrefillToken,
     TokenEvent,
-    TokenInfo,
+    max_total_tokens_for,
+    resolve_seed,
 )
-from serving.engines.detokenizer import IncrementalDetokenizer
-from serving.engines.model_text import ModelText
+from serving.engines.model_text import ModelText, text_config
 from serving.engines.resident_adapters import ResidentAdapters
 from serving.engines.sampling import choose_token_with_alternatives
-from serving.errors import (
-    GenerationError,
-    IncompleteGenerationError,
-    OverloadedError,
-    ServingError,
-    ValidationError,
-)
+from serving.engines.token_stream import TokenStream
+from serving.errors import GenerationError, IncompleteGenerationError, OverloadedError, ServingError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_TOTAL_TOKENS = 8192
 
 
 @dataclass(eq=False)
@@ -59,7 +49,7 @@ class _Sequence:
 
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
-    detokenizer: IncrementalDetokenizer
+    stream: TokenStream
     seed: int | None
     generator: torch.Generator | None
     enqueued_at: float
@@ -68,12 +58,8 @@ class _Sequence:
     holds_adapter: bool = False
     cache: DynamicCache | None = None
     seen: torch.Tensor | None = None  # vocabulary mask for the repetition penalty
-    generated: list[int] = field(default_factory=list)
-    tokens: list[TokenInfo] = field(default_factory=list)
     prefill: list[PrefillToken] = field(default_factory=list)
-    text: str = ""
     admitted_at: float = 0.0
-    first_token_at: float = 0.0
 
     @property
     def adapter_id(self) -> str | None:
@@ -118,14 +104,11 @@ class TorchEngine(Engine):
         self._max_resident_adapters = max_resident_adapters
         self._dtype = dtype
         self._device = torch.device(device)
-        self._config = AutoConfig.from_pretrained(self._base_dir).get_text_config(decoder=True)
+        self._config = text_config(self._base_dir)
         self.text = ModelText(self._base_dir, self._config)
-        self._tokenizer = self.text.tokenizer
-        model_limit = getattr(self._config, "max_position_embeddings", DEFAULT_MAX_TOTAL_TOKENS)
-        self.max_total_tokens = max_total_tokens or min(model_limit, DEFAULT_MAX_TOTAL_TOKENS)
+        self.max_total_tokens = max_total_tokens_for(self._config, max_total_tokens)
         #: generated tokens that end a generation (tokenizer and generation config)
         self.eos_token_ids = self.text.eos_token_ids
-        self._special_ids = self.text.special_ids
         self._adapters: ResidentAdapters | None = None
         self._thread: threading.Thread | None = None
         # guards everything the event loop and the worker share: the fields below
@@ -213,23 +196,13 @@ class TorchEngine(Engine):
             sequence.cancel()
 
     def _enqueue(self, request: GenerationRequest) -> _Sequence:
-        params = request.params
-        if not request.prompt_ids:
-            raise ValidationError("the prompt is empty")
-        if len(request.prompt_ids) + params.max_new_tokens > self.max_total_tokens:
-            raise ValidationError(
-                f"prompt tokens ({len(request.prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) "
-                f"must be <= {self.max_total_tokens}"
-            )
-        seed = None
-        generator = None
-        if params.sampling:
-            seed = params.seed if params.seed is not None else secrets.randbits(63)
-            generator = torch.Generator(self._device).manual_seed(seed)
+        self.check_length(request)
+        seed = resolve_seed(request.params)
+        generator = torch.Generator(self._device).manual_seed(seed) if seed is not None else None
         sequence = _Sequence(
             request=request,
             loop=asyncio.get_running_loop(),
-            detokenizer=IncrementalDetokenizer(self.decode),
+            stream=TokenStream(self.text, request.params, self.eos_token_ids),
             seed=seed,
             generator=generator,
             enqueued_at=time.perf_counter(),
@@ -313,7 +286,7 @@ class TorchEngine(Engine):
         return logits[-1]
 
     def _decode_step(self, sequence: _Sequence) -> torch.Tensor:
-        return self._forward(sequence, sequence.generated[-1:], logits_to_keep=1)[-1]
+        return self._forward(sequence, sequence.stream.ids[-1:], logits_to_keep=1)[-1]
 
     def _forward(self, sequence: _Sequence, new_ids: list[int], logits_to_keep: int) -> torch.Tensor:
         """Run ``new_ids`` through the model on top of the sequence's cache; logits ``[n, vocab]``."""
@@ -332,18 +305,11 @@ class TorchEngine(Engine):
             )
         return output.logits[0].float()
 
-    def _token_text(self, token_id: int) -> str:
-        """One token's text on its own, special tokens included."""
-        return self._tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
     def _prefill_tokens(self, prompt_ids: list[int], logits: torch.Tensor) -> list[PrefillToken]:
         log_probs = torch.log_softmax(logits[:-1], dim=-1)
         targets = torch.tensor(prompt_ids[1:], device=log_probs.device)
         scores = [None] + log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()
-        return [
-            PrefillToken(id=token_id, text=self._token_text(token_id), logprob=score)
-            for token_id, score in zip(prompt_ids, scores)
-        ]
+        return self.text.prefill_tokens(prompt_ids, scores)
 
     def _emit(self, sequence: _Sequence, logits: torch.Tensor) -> None:
         """Choose the next token, stream it, and finish the sequence when a stop condition holds."""
@@ -351,56 +317,20 @@ class TorchEngine(Engine):
         token_id, logprob, ranked = choose_token_with_alternatives(
             logits, params, sequence.seen, sequence.generator, params.alternatives or 0
         )
-        sequence.generated.append(token_id)
         if sequence.seen is not None:
             sequence.seen[token_id] = True
-        text = sequence.detokenizer.push(token_id)
-        sequence.text += text
-        finish_reason = self._finish_reason(sequence, token_id, text)
-        if finish_reason is not None:
-            tail = sequence.detokenizer.flush()
-            text += tail
-            sequence.text += tail
-        alternatives = None
-        if params.alternatives is not None:
-            alternatives = tuple(Alternative(id=i, text=self._token_text(i), logprob=score) for i, score in ranked)
-        token = TokenInfo(
-            id=token_id, text=text, logprob=logprob, special=token_id in self._special_ids, alternatives=alternatives
-        )
-        sequence.tokens.append(token)
-        now = time.perf_counter()
-        sequence.first_token_at = sequence.first_token_at or now
-        sequence.send(TokenEvent(token))
-        if finish_reason is not None:
-            sequence.send(self._result(sequence, finish_reason, now))
+        alternatives = self.text.alternatives(ranked) if params.alternatives is not None else None
+        sequence.send(TokenEvent(sequence.stream.push(token_id, logprob, alternatives)))
+        if sequence.stream.finish_reason is not None:
+            result = sequence.stream.result(
+                prompt_tokens=len(sequence.request.prompt_ids),
+                seed=sequence.seed,
+                prefill=sequence.prefill,
+                enqueued_at=sequence.enqueued_at,
+                admitted_at=sequence.admitted_at,
+            )
+            sequence.send(result)
             self._retire(sequence)
-
-    def _finish_reason(self, sequence: _Sequence, token_id: int, new_text: str) -> FinishReason | None:
-        params = sequence.request.params
-        if not params.ignore_eos_token and token_id in self.eos_token_ids:
-            return "eos_token"
-        if new_text and params.stop:
-            # only a match that ends in the new text is new
-            window = sequence.text[-(len(new_text) + max(map(len, params.stop)) - 1) :]
-            if any(stop in window for stop in params.stop):
-                return "stop_sequence"
-        if len(sequence.generated) >= params.max_new_tokens:
-            return "length"
-        return None
-
-    def _result(self, sequence: _Sequence, finish_reason: FinishReason, now: float) -> GenerationResult:
-        return GenerationResult(
-            generated_text=self.decode(sequence.generated),
-            finish_reason=finish_reason,
-            prompt_tokens=len(sequence.request.prompt_ids),
-            generated_tokens=len(sequence.generated),
-            seed=sequence.seed,
-            tokens=list(sequence.tokens),
-            prefill=sequence.prefill,
-            queue_time_s=sequence.admitted_at - sequence.enqueued_at,
-            time_to_first_token_s=sequence.first_token_at - sequence.enqueued_at,
-            total_time_s=now - sequence.enqueued_at,
-        )
 
     def _retire(self, sequence: _Sequence) -> None:
         """Forget a finished, failed or cancelled sequence and unpin its adapter."""

@@ -1,47 +1,17 @@
-"""Run ASGI apps (the router, a stub upstream) under uvicorn on free loopback ports."""
+"""Run the router and echo upstreams on free loopback ports inside the test process."""
 
 from __future__ import annotations
 
-import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import uvicorn
-
 from abtest.router import Router, RouterSettings, create_app
-from tests.serving.server_harness import free_port
+from serving.loopback import ThreadedServer
 
 
-class RunningApp:
-    """A uvicorn server in a thread; ``stop`` ends it (as a killed upstream would)."""
-
-    def __init__(self, app, port: int | None = None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=1)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the app did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-
-
-@contextmanager
-def running(app):
-    """Yield a ``RunningApp``; stop it afterwards."""
-    running_app = RunningApp(app)
-    try:
-        yield running_app
-    finally:
-        running_app.stop()
+def running(app) -> ThreadedServer:
+    """A server for ``app`` that stops within a second, as a killed upstream would; enter it to start it."""
+    return ThreadedServer(app, start_timeout_s=30, graceful_shutdown_s=1, stop_timeout_s=15)
 
 
 @contextmanager

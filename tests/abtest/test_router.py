@@ -11,10 +11,10 @@ import openai
 import pytest
 import yaml
 
+from abtest.echo_upstream import create_echo_upstream
+from serving.loopback import free_port
 from serving.request_log import SQLiteStore
-from tests.abtest.harness import RunningApp, running, running_router
-from tests.abtest.stub_upstream import create_stub
-from tests.serving.server_harness import free_port
+from tests.abtest.harness import running, running_router
 
 ADMIN = "admin-s3cret"
 
@@ -37,7 +37,7 @@ def write_config(path, teacher_url, student_url, **route_overrides):
 
 @pytest.fixture()
 def stubs():
-    with running(create_stub("t")) as teacher, running(create_stub("s")) as student:
+    with running(create_echo_upstream("t")) as teacher, running(create_echo_upstream("s")) as student:
         yield teacher, student
 
 
@@ -163,8 +163,8 @@ def test_hot_reload_keeps_serving_and_refuses_bad_files(routed, stubs):
 
 def test_killed_candidate_upstream_mid_traffic(tmp_path):
     """The candidate's upstream dies under load: no client sees an error, every request is logged."""
-    with running(create_stub("t")) as teacher:
-        student = RunningApp(create_stub("s"))
+    with running(create_echo_upstream("t")) as teacher:
+        student = running(create_echo_upstream("s")).start()
         config = write_config(tmp_path / "traffic.yaml", teacher.url, student.url)
         config["routes"]["sentiment"]["arms"]["student"]["timeout_s"] = 1  # a hung connection costs at most 1 s
         (tmp_path / "traffic.yaml").write_text(yaml.safe_dump(config))

@@ -135,8 +135,7 @@ def test_vllm_top_logprobs_become_the_k_best_alternatives(tiny_base_dir):
     from transformers import AutoConfig
 
     text = ModelText(tiny_base_dir, AutoConfig.from_pretrained(tiny_base_dir).get_text_config(decoder=True))
-    stub = SimpleNamespace(_tokenizer=text.tokenizer)
-    stub._token_text = lambda token_id: VllmEngine._token_text(stub, token_id)
+    stub = SimpleNamespace(text=text)
     # vLLM's entry holds the chosen token too, even when it is not among the k best
     top = {"token_id:5": -2.0, "token_id:9": -0.5, "token_id:3": -1.0}
     assert VllmEngine._alternatives(stub, top, 2) == (

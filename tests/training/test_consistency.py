@@ -12,7 +12,8 @@ from contextlib import contextmanager
 import pytest
 from fastapi import FastAPI, Request
 
-from tests.serving.server_harness import free_port, serving_in_thread
+from serving.loopback import free_port
+from tests.serving.server_harness import serving_in_thread
 from training import consistency, curation, dataset, recipe
 from training.config import ConfigError, CurationConfig, DataConfig, EndpointConfig, RankingConfig, RunConfig, SelfConsistencyConfig, load_config
 from training.dataset import DatasetError

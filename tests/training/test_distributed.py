@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from serving.loopback import free_port
 from serving.registry import Registry
 from training import distributed, recipe
 from training.config import load_config
@@ -75,7 +75,7 @@ def single_adapter(tmp_path_factory, tiny_base_dir) -> dict[str, torch.Tensor]:
 
 
 def test_torchrun_with_two_processes_trains_the_single_process_adapter_and_registers_it_once(tmp_path, single_adapter):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     output = _launch(torchrun + ["-m", "stillhouse", "train", "--name", "dp", *_flags(tmp_path)])
     assert output.stdout.split() == ["dp@v1"]  # the id, printed once (by rank 0)
     assert "on 2 processes" in output.stderr
@@ -91,7 +91,7 @@ def test_accelerate_launch_resumes_a_single_process_checkpoint_on_two_processes(
     with pytest.raises(Interrupt):
         recipe.train(_config(tmp_path, "dp"), _quiet, on_step=stop_after_three)
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]  # fmt: skip
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]  # fmt: skip
     output = _launch(accelerate + ["-m", "stillhouse", "train", "--name", "dp", *_flags(tmp_path)])
     assert output.stdout.split() == ["dp@v1"]
     assert output.stderr.count("resuming from") == 1 and "(step 3)" in output.stderr and "on 2 processes" in output.stderr
@@ -119,12 +119,6 @@ def _assert_same_adapter(run_dir: Path, expected: dict[str, torch.Tensor]) -> No
     assert actual.keys() == expected.keys()
     for key in expected:
         assert torch.allclose(actual[key], expected[key], rtol=0, atol=5e-4), (key, (actual[key] - expected[key]).abs().max())
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _launch(command: list[str], timeout: float = 180) -> subprocess.CompletedProcess:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from serving.loopback import free_port
 from training.config import EndpointConfig
 from training.endpoint import Endpoint, EndpointError
 from training.labelling import label
 from training.task import load_task
-from tests.serving.server_harness import free_port, running_server
+from tests.serving.server_harness import running_server
 
 TASK = load_task("demo")
 

@@ -283,7 +283,7 @@ def test_chat_template_leaves_bos_to_tokenize(engine):
 
 
 def test_chat_without_a_template_falls_back_to_role_lines(engine, monkeypatch):
-    monkeypatch.setattr(engine._tokenizer, "chat_template", None)
+    monkeypatch.setattr(engine.text.tokenizer, "chat_template", None)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert engine.apply_chat_template(messages) == "system: Be brief.\nuser: Hi\nassistant:"
 

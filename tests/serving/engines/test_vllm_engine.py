@@ -24,13 +24,14 @@ import pytest
 
 from serving.engines.base import AdapterRef, GenerationRequest, GenerationResult, SamplingParams
 from serving.engines.torch_engine import TorchEngine
-from serving.engines.vllm_engine import VllmEngine, max_lora_rank_for
+from serving.engines.vllm_engine import VllmEngine
 from serving.engines.vllm_install import DEFAULT_VENV, venv_python
+from serving.engines.vllm_process import max_lora_rank_for
 from serving.errors import AdapterNotServableError, OverloadedError
+from serving.loopback import free_port
 from serving.registry import Registry
 from tests.lora_factory import make_lora_adapter
 from tests.serving import test_server as torch_protocol
-from tests.serving.server_harness import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -334,7 +335,7 @@ def test_greedy_parity_with_the_torch_engine(served, adapters, real_base_dir):
 
 _PARENT = """
 import sys, time
-from serving.engines.vllm_engine import VllmProcess
+from serving.engines.vllm_process import VllmProcess
 process = VllmProcess(sys.argv[1], "x")
 process.launch()
 print(process.pid, flush=True)

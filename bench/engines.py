@@ -7,14 +7,13 @@ every request yields exactly ``--max-new-tokens`` tokens, for three mixes: the b
 adapter, four adapters round-robin. Prints output tok/s and p50/p99 latency per engine with the
 vLLM/torch ratios. Never asserts a time.
 
-    .venv/bin/python bench/serving.py [--requests 16] [--concurrency 8] [--max-new-tokens 16]
+    .venv/bin/python bench/engines.py [--requests 16] [--concurrency 8] [--max-new-tokens 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
@@ -24,14 +23,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from serving import base_models  # noqa: E402
-from serving.registry import Registry  # noqa: E402
-from tests.lora_factory import make_lora_adapter  # noqa: E402
-from tests.serving.server_harness import free_port  # noqa: E402
+from serving import base_models
+from serving.loopback import free_port
+from serving.registry import Registry
+from training.config import SEVEN_PROJECTIONS
 
 ADAPTERS = ("bench-a", "bench-b", "bench-c", "bench-d")
 MIXES = {"base": (None,), "1 adapter": ADAPTERS[:1], "4 mixed": ADAPTERS}
@@ -52,7 +51,7 @@ def serve(engine: str, base_dir: Path, registry_dir: Path, timeout_s: float = 90
         sys.executable, "-m", "stillhouse", "serve", "--engine", engine, "--base", str(base_dir),
         "--registry", str(registry_dir), "--port", str(port), "--max-queue", "256", "--max-total-tokens", "2048",
     ]  # fmt: skip
-    child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     try:
@@ -72,6 +71,15 @@ def serve(engine: str, base_dir: Path, registry_dir: Path, timeout_s: float = 90
     finally:
         child.terminate()
         child.wait(timeout=120)
+
+
+def write_adapter(base_dir: Path, out_dir: Path, seed: int) -> Path:
+    """An r=8 LoRA on all seven projections with random (not zero) weights, so it changes the output."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=SEVEN_PROJECTIONS, task_type="CAUSAL_LM", init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out_dir)
+    return out_dir
 
 
 async def run_mix(url: str, adapters: tuple, requests: int, concurrency: int, max_new_tokens: int) -> dict:
@@ -129,7 +137,7 @@ def main() -> int:
         registry_dir = Path(scratch) / "registry"
         registry = Registry(registry_dir)
         for seed, name in enumerate(ADAPTERS, start=1):
-            source = make_lora_adapter(base_dir, Path(scratch) / name, r=8, alpha=16, seed=seed)
+            source = write_adapter(base_dir, Path(scratch) / name, seed)
             registry.add(source, name, base_dir=base_dir)
         results = {engine: bench_engine(engine, base_dir, registry_dir, args) for engine in args.engines}
 

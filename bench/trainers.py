@@ -15,7 +15,7 @@ Throughput is real (non-pad) tokens processed per wall-clock second for every co
 second of the process, which other load on a shared machine disturbs less. TRL is an optional extra:
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python bench/training.py [--base tiny|gemma-3-270m] [--steps 10] [--batch-size 8] [--threads N]
+    .venv/bin/python bench/trainers.py [--base tiny|gemma-3-270m] [--steps 10] [--batch-size 8] [--threads N]
 """
 
 from __future__ import annotations
@@ -33,13 +33,11 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from serving import base_models  # noqa: E402
-from training import trainer  # noqa: E402
-from training.config import LoraSettings  # noqa: E402
-from training.task import load_task  # noqa: E402
-from training.tasks.sentiment_data import generate  # noqa: E402
+from serving import base_models
+from training import trainer
+from training.config import LoraSettings
+from training.task import load_task
+from training.tasks.sentiment_data import generate
 
 MAX_LENGTH = 256
 LR = 1e-4
@@ -153,7 +151,7 @@ def trl_sft(base_dir: Path, base_name: str, lora, tokenizer, records: list[dict]
 
 def _require_trl() -> None:
     if importlib.util.find_spec("trl") is None:
-        raise SystemExit("bench/training.py: the TRL column needs trl; install the extra: .venv/bin/pip install -e '.[bench]'")
+        raise SystemExit("bench/trainers.py: the TRL column needs trl; install the extra: .venv/bin/pip install -e '.[bench]'")
 
 
 def main() -> int:

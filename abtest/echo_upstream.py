@@ -1,7 +1,8 @@
-"""A trivial upstream speaking just enough LoRAX and OpenAI: it answers ``NAME|ADAPTER|PROMPT``.
+"""An upstream that speaks just enough LoRAX and OpenAI to answer ``NAME|ADAPTER|PROMPT``.
 
-Used to test the router's mechanics (assignment, rewriting, fallback) and to isolate the router's
-own latency in ``bench/router.py``.
+Its answers say which upstream a request reached, with which adapter and prompt, at almost no
+cost: what checking the router's mechanics (assignment, rewriting, fallback) and measuring the
+router's own latency need, with no model behind it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 
-def create_stub(name: str) -> FastAPI:
+def create_echo_upstream(name: str) -> FastAPI:
     """An upstream whose answers name it, the adapter it was asked for, and the prompt it got."""
     app = FastAPI()
 
