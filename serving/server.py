@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict
 
-from monitoring.metrics import BASE_ADAPTER_LABEL, RequestLogMetrics, ServerMetrics
+from monitoring.catalog import BASE_ADAPTER_LABEL, UNKNOWN_ADAPTER_LABEL
+from monitoring.metrics import RequestLogMetrics, ServerMetrics
 from serving import servability
 from serving.engines.base import AdapterRef, Engine, GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 from serving.errors import (
@@ -38,8 +39,6 @@ from serving.errors import (
 from serving.protocol import lorax, openai
 from serving.registry import Registry
 from serving.request_log import Exchange, RequestLog, new_request_id
-
-UNKNOWN_ADAPTER_LABEL = "__unknown__"  # requests refused before their adapter was known
 
 # Metric outcome for each error type a request can end with.
 OUTCOME_BY_ERROR = {
