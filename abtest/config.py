@@ -1,4 +1,4 @@
-"""The traffic-split file: which arms serve each route, with what weight, template and fallback.
+"""The traffic-split file: which arms serve each route, with what weight, prompt and fallback.
 
 ```yaml
 version: 1
@@ -8,13 +8,22 @@ default_upstream: http://127.0.0.1:8080   # where adapter ids that name no route
 routes:
   sentiment:                       # clients call adapter_id / model = "sentiment"
     mode: template                 # template: arms render their prompt from the input; passthrough: as sent
-    input: text                    # the client's prompt fills {{text}}
+    input: text                    # the client's prompt: {{text}} in a template, a task prompt's input field
     metrics: {correct: {type: boolean, goal: maximize}}
     arms:
-      teacher: {role: control, upstream: http://127.0.0.1:8080, adapter: null, template: "...{{text}}...", weight: 50, fallback: true}
-      student-v1: {role: candidate, upstream: http://127.0.0.1:8080, adapter: s@v1, template: "{{text}}", weight: 50, timeout_s: 10}
+      teacher: {role: control, upstream: http://127.0.0.1:8080, adapter: null, prompt: {task: sentiment, role: teacher}, weight: 50, fallback: true}
+      student-v1: {role: candidate, upstream: http://127.0.0.1:8080, adapter: s@v1, prompt: {task: sentiment, role: student}, weight: 50, timeout_s: 10}
+      student-v2: {role: candidate, upstream: http://127.0.0.1:8080, adapter: s@v2, prompt: {task: sentiment, role: student}, weight: 0}
     shadow: [{arm: student-v2, fraction: 0.1, compare: exact}]   # a weight-0 arm, mirrored only
 ```
+
+An arm's prompt is either its own ``template`` (``serving.prompts`` syntax, e.g.
+``"Summarise: {{text}}"`` with the route's input in double braces; single braces are literal
+text) or a task's, named by ``prompt: {task, role}`` so the route sends exactly what the adapter
+was trained on: the task's teacher or student template, the client's prompt in its one input
+field. The task (a built-in name or a task YAML path) is read when the file is loaded, which makes
+abtest depend on ``training.task`` (abtest → training); the arm's ``template`` then holds the
+resolved text, which ``template_version`` names on log rows.
 
 ``load`` reports every problem at once, each with its field path and a fix; unknown keys are
 refused. ``TrafficConfig.version_hash`` is a hash of the canonical content, stamped on log rows.
@@ -28,11 +37,14 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from pydantic import ValidationError as PydanticValidationError
+
+from serving import prompts
+from serving.prompts import Template
 
 
 class _Strict(BaseModel):
@@ -54,16 +66,31 @@ class MetricSpec(_Strict):
     goal: Literal["maximize", "minimize"] = "maximize"
 
 
+class TaskPrompt(_Strict):
+    """A task's prompt, named instead of repeated: the client's prompt fills the task's one input field."""
+
+    task: str  # a built-in task (e.g. sentiment) or a task YAML path
+    role: Literal["teacher", "student"]
+
+
 class Arm(_Strict):
     """One way to answer a route: an upstream server, an adapter on it, a prompt template."""
 
     role: Literal["control", "candidate"]
     upstream: str
     adapter: str | None = None  # None: the upstream's base model
-    template: str | None = None
+    template: str | None = None  # uses the route's input, e.g. {{text}}; for a `prompt` arm, the task's template resolved at load
+    prompt: TaskPrompt | None = None
     weight: float = Field(default=0, ge=0)
     fallback: bool = False
     timeout_s: float = Field(default=30.0, gt=0)
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.prompt is not None:
+            data.pop("template", None)  # derived from the task at load, so a dump parses again
+        return data
 
 
 class Shadow(_Strict):
@@ -78,19 +105,16 @@ class Route(_Strict):
     """A name clients use as adapter_id / model, split between arms."""
 
     mode: Literal["template", "passthrough"] = "passthrough"
-    input: str = "text"
+    input: str = Field(default="text", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     metrics: dict[str, MetricSpec] = Field(default_factory=dict)
     arms: dict[str, Arm]
     shadow: list[Shadow] = Field(default_factory=list)
-
-    def placeholder(self) -> str:
-        return "{{" + self.input + "}}"
 
     def render(self, arm: Arm, prompt: str) -> str:
         """The prompt an arm receives: its template with the client's prompt filled in."""
         if self.mode == "passthrough" or arm.template is None:
             return prompt
-        return arm.template.replace(self.placeholder(), prompt)
+        return Template(arm.template).render({self.input: prompt})
 
     def weights(self) -> dict[str, float]:
         return {name: arm.weight for name, arm in self.arms.items()}
@@ -149,6 +173,7 @@ _FIXES = {
     "greater_than": "raise it",
     "less_than_equal": "lower it",
     "string_too_short": "set a non-empty value",
+    "string_pattern_mismatch": "use letters, digits and underscores",
 }
 
 
@@ -192,15 +217,23 @@ def _semantic_problems(raw: dict) -> list[Problem]:
         if arms and all(isinstance(w, (int, float)) for w in weights) and sum(weights) <= 0:
             problems.append(Problem(f"{where}.arms", "the weights add up to 0, so no arm can be chosen", "give at least one arm a positive weight"))
         mode = route.get("mode", "passthrough")
-        placeholder = "{{" + str(route.get("input", "text")) + "}}"
+        field = str(route.get("input", "text"))
+        placeholder = "{{" + field + "}}"
         for name, arm in arms.items():
-            template = arm.get("template")
-            if mode == "template" and (not isinstance(template, str) or placeholder not in template):
-                problems.append(Problem(f"{where}.arms.{name}.template", f"template mode needs a template containing {placeholder}",
-                                        f"add `template: \"...{placeholder}...\"`"))
-            if mode == "passthrough" and template is not None:
-                problems.append(Problem(f"{where}.arms.{name}.template", "passthrough routes send the prompt as is, so a template would be ignored",
-                                        "remove it, or set `mode: template`"))
+            template, task_prompt = arm.get("template"), arm.get("prompt")
+            if template is not None and task_prompt is not None:
+                problems.append(Problem(f"{where}.arms.{name}.prompt", "an arm takes its own template or a task's prompt, not both",
+                                        "remove `template:` to send the task's prompt, or remove `prompt:`"))
+            elif mode == "template" and task_prompt is None and not isinstance(template, str):
+                problems.append(Problem(f"{where}.arms.{name}.template", f"template mode needs a template containing {placeholder} or a task's prompt",
+                                        f"add `template: \"...{placeholder}...\"` or `prompt: {{task: NAME, role: student}}`"))
+            elif mode == "template" and isinstance(template, str):
+                problems += [Problem(f"{where}.arms.{name}.template", f"the template {problem.message}", problem.fix)
+                             for problem in prompts.check(template, [field])]
+            for key, value in (("template", template), ("prompt", task_prompt)):
+                if mode == "passthrough" and value is not None:
+                    problems.append(Problem(f"{where}.arms.{name}.{key}", f"passthrough routes send the prompt as is, so a {key} would be ignored",
+                                            "remove it, or set `mode: template`"))
             upstream = arm.get("upstream")
             if isinstance(upstream, str) and not upstream.startswith(("http://", "https://")):
                 problems.append(Problem(f"{where}.arms.{name}.upstream", f"{upstream!r} is not an http(s) URL", "write it as http://HOST:PORT"))
@@ -219,8 +252,34 @@ def _semantic_problems(raw: dict) -> list[Problem]:
     return problems
 
 
+def _task_templates(raw: dict) -> tuple[dict[tuple[str, str], str], list[Problem]]:
+    """The template of each ``prompt: {task, role}`` arm: the task's, with the route's input in its input field."""
+    from training.task import ROLES, TaskError, load_task  # abtest's one use of training/: the task a prompt names
+
+    templates, problems = {}, []
+    for route_name, route in _as_dict(raw.get("routes")).items():
+        route = _as_dict(route)
+        field = str(route.get("input", "text"))
+        for arm_name, arm in _as_dict(route.get("arms")).items():
+            task_prompt = _as_dict(_as_dict(arm).get("prompt"))
+            if not isinstance(task_prompt.get("task"), str) or task_prompt.get("role") not in ROLES:
+                continue  # a schema problem, reported with the others
+            where = f"routes.{route_name}.arms.{arm_name}.prompt"
+            try:
+                task = load_task(task_prompt["task"])
+            except TaskError as error:
+                problems.append(Problem(f"{where}.task", str(error), "name a built-in task or a task YAML file that loads"))
+                continue
+            if len(task.input_fields) != 1:
+                problems.append(Problem(f"{where}.task", f"task {task.name!r} has input fields {task.input_fields}, but a route's client sends one prompt",
+                                        f"name a task with one input field, or write the arm's own `template:` with {{{{{field}}}}}"))
+                continue
+            templates[(route_name, arm_name)] = task.template(task_prompt["role"]).render({task.input_fields[0]: "{{" + field + "}}"})
+    return templates, problems
+
+
 def parse(raw: object, source: str = "config") -> TrafficConfig:
-    """Validate a mapping; raise ``ConfigError`` listing every problem."""
+    """Validate a mapping and resolve its task prompts; raise ``ConfigError`` listing every problem."""
     if not isinstance(raw, dict):
         raise ConfigError(source, [Problem("(top level)", "the file is not a mapping", "start from abtest/examples/traffic.yaml")])
     problems = []
@@ -230,8 +289,12 @@ def parse(raw: object, source: str = "config") -> TrafficConfig:
     except PydanticValidationError as error:
         problems += _schema_problems(error)
     problems += _semantic_problems(raw)
+    templates, task_problems = _task_templates(raw)
+    problems += task_problems
     if problems:
         raise ConfigError(source, problems)
+    for (route, arm), template in templates.items():
+        config.routes[route].arms[arm].template = template
     return config
 
 

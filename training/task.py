@@ -2,17 +2,18 @@
 
 A task names its input fields, the teacher's prompt template (e.g. few-shot), the student's
 (e.g. zero-shot), the output format (a label set, a regex, or a JSON schema) and the metrics it
-is evaluated with. Templates use ``{field}`` placeholders for the input fields. Built-in tasks
-live in ``training/tasks/<name>.yaml``; ``demo`` is the 3-way sentiment task.
+is evaluated with. Templates use ``{{field}}`` placeholders for the input fields (see
+``serving.prompts``; single braces are literal text). Built-in tasks live in
+``training/tasks/<name>.yaml``; ``demo`` is the 3-way sentiment task.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import string
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -20,8 +21,14 @@ import jsonschema
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serving import prompts
+from serving.prompts import Template
+
 TASKS_DIR = Path(__file__).parent / "tasks"
 _ALIASES = {"demo": "sentiment"}
+
+Role = Literal["teacher", "student"]
+ROLES: tuple[Role, ...] = ("teacher", "student")
 
 # Metrics each output format supports; the first is the task's primary metric by default.
 _FORMAT_METRICS = {
@@ -88,12 +95,14 @@ class Generation(_Strict):
 class JudgeCriterion(_Strict):
     """An LLM-judge criterion: at evaluation time a judge endpoint answers ``prompt`` with a score."""
 
-    prompt: str  # uses {input} and {output}; {reference} is the gold (or teacher) answer
+    prompt: str  # uses {{input}} and {{output}}; {{reference}} is the gold (or teacher) answer
     scale: tuple[float, float] = (0.0, 1.0)  # the lowest and highest valid score; anything else is unscored
 
     @model_validator(mode="after")
     def _usable(self) -> "JudgeCriterion":
-        problems = [f"judge.prompt never uses {name}; add it to the template" for name in ("{input}", "{output}") if name not in self.prompt]
+        from training.judge import check_prompt  # the judge module imports this one
+
+        problems = [f"judge.prompt {problem}" for problem in check_prompt(self.prompt)]
         if self.scale[0] >= self.scale[1]:
             problems.append(f"judge.scale {list(self.scale)} is empty; give [lowest, highest], e.g. [1, 5]")
         if problems:
@@ -126,15 +135,7 @@ class Task(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Task":
-        problems = []
-        for template_name in ("teacher_template", "student_template"):
-            placeholders = _placeholders(getattr(self, template_name))
-            unknown = sorted(placeholders - set(self.input_fields))
-            if unknown:
-                problems.append(f"{template_name} uses {unknown}, which are not input_fields; add them to input_fields or fix the template")
-            missing = sorted(set(self.input_fields) - placeholders)
-            if missing:
-                problems.append(f"{template_name} never uses input field(s) {missing}; add {{{missing[0]}}} to it")
+        problems = [f"{role}_template {problem}" for role in ROLES for problem in prompts.check(getattr(self, f"{role}_template"), self.input_fields)]
         allowed = _FORMAT_METRICS[self.output.type]
         bad = [metric for metric in self.metrics if metric not in allowed]
         if bad:
@@ -151,20 +152,28 @@ class Task(_Strict):
     def metric_names(self) -> list[str]:
         return self.metrics or list(_FORMAT_METRICS[self.output.type])
 
+    @cached_property
+    def _templates(self) -> dict[Role, Template]:
+        return {role: Template(getattr(self, f"{role}_template")) for role in ROLES}
+
+    def template(self, role: Role) -> Template:
+        """The teacher's or the student's prompt template."""
+        return self._templates[role]
+
     def teacher_prompt(self, inputs: Mapping[str, Any]) -> str:
         """The teacher's prompt for one row's inputs."""
-        return self.teacher_template.format(**{field: inputs[field] for field in self.input_fields})
+        return self._templates["teacher"].render(inputs)
 
     def student_prompt(self, inputs: Mapping[str, Any]) -> str:
         """The student's (served adapter's) prompt for one row's inputs."""
-        return self.student_template.format(**{field: inputs[field] for field in self.input_fields})
+        return self._templates["student"].render(inputs)
 
     def inputs_from_prompt(self, prompt: str) -> dict[str, str] | None:
         """Recover the input fields from a rendered teacher or student prompt (e.g. a logged request); None if neither matches."""
-        for template in (self.teacher_template, self.student_template):
-            match = _template_regex(template).fullmatch(prompt)
-            if match:
-                return {field: match.group(field) for field in self.input_fields}
+        for template in self._templates.values():
+            inputs = template.match(prompt)
+            if inputs is not None:
+                return inputs
         return None
 
     def input_text(self, inputs: Mapping[str, Any]) -> str:
@@ -240,18 +249,3 @@ def _task_path(name_or_path: str) -> Path:
         known = sorted([*_ALIASES, *(p.stem for p in TASKS_DIR.glob("*.yaml"))])
         raise TaskError(f"unknown task {name_or_path!r}; use a built-in task ({', '.join(known)}) or a task YAML path")
     return builtin
-
-
-def _template_regex(template: str) -> re.Pattern:
-    """A regex that matches ``template`` rendered with any values, capturing each field (first use)."""
-    parts, seen = [], set()
-    for literal, name, _, _ in string.Formatter().parse(template):
-        parts.append(re.escape(literal))
-        if name:
-            parts.append(f"(?P={name})" if name in seen else f"(?P<{name}>.*?)")
-            seen.add(name)
-    return re.compile("".join(parts), re.DOTALL)
-
-
-def _placeholders(template: str) -> set[str]:
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name}

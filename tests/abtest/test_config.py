@@ -1,4 +1,4 @@
-"""The traffic-split file: the example validates; every problem is listed at once."""
+"""The traffic-split file: the example validates; task prompts resolve; every problem is listed at once."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import yaml
 
 from abtest import config
 from stillhouse import main
+from training.task import load_task
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "abtest" / "examples" / "traffic.yaml"
 
@@ -17,7 +18,7 @@ def test_example_validates():
     loaded = config.load(EXAMPLE)
     route = loaded.routes["sentiment"]
     assert route.fallback_arm() == "teacher"
-    assert route.render(route.arms["student-v1"], "Great!") == "Great!"
+    assert route.render(route.arms["student-v1"], "Great!") == "Review: Great!\nSentiment:"
     assert route.render(route.arms["teacher"], "Great!").endswith("Review: Great!\nSentiment:")
     assert len(loaded.version_hash) == 12
 
@@ -43,6 +44,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     sentiment["arms"]["teacher"]["wieght"] = 3  # misspelt
     sentiment["arms"]["student-v1"]["weight"] = -1
     sentiment["arms"]["student-v1"]["role"] = "control"  # two controls
+    del sentiment["arms"]["student-v2"]["prompt"]
     sentiment["arms"]["student-v2"]["template"] = "no placeholder"
     sentiment["metrics"]["correct"]["type"] = "percent"
     sentiment["shadow"][0]["arm"] = "ghost"
@@ -87,3 +89,67 @@ def test_route_command_refuses_a_bad_config(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("version: 1\nsalt: x\nroutes: {r: {arms: {a: {role: boss}}}}\n")
     assert main(["route", "--config", str(tmp_path / "bad.yaml")]) == 1
     assert "routes.r.arms.a.role" in capsys.readouterr().err
+
+
+def test_an_arm_naming_a_task_prompt_sends_exactly_what_the_task_renders():
+    route = config.load(EXAMPLE).routes["sentiment"]
+    task = load_task("sentiment")
+    text = "Odd {braces} and {{text}}\nlines"
+    assert route.render(route.arms["student-v1"], text) == task.student_prompt({"review": text})
+    assert route.render(route.arms["teacher"], text) == task.teacher_prompt({"review": text})
+    assert route.arms["student-v1"].template == "Review: {{text}}\nSentiment:"  # what template_version names
+    assert config.template_version(route.arms["student-v1"].template) != config.template_version(route.arms["teacher"].template)
+
+
+def test_a_task_prompt_follows_the_route_input_and_survives_a_dump():
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["routes"]["sentiment"]["input"] = "review_text"
+    loaded = config.parse(raw)
+    route = loaded.routes["sentiment"]
+    assert route.arms["student-v1"].template == "Review: {{review_text}}\nSentiment:"
+    assert route.render(route.arms["student-v1"], "Fine.") == "Review: Fine.\nSentiment:"
+    dumped = loaded.model_dump(mode="json")["routes"]["sentiment"]["arms"]["student-v1"]
+    assert "template" not in dumped and dumped["prompt"] == {"task": "sentiment", "role": "student"}
+    assert config.parse(loaded.model_dump(mode="json")).version_hash == loaded.version_hash
+
+
+def test_task_prompt_problems_name_the_field_and_fix(tmp_path):
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    arms = raw["routes"]["sentiment"]["arms"]
+    arms["teacher"]["prompt"]["task"] = "nope"
+    arms["student-v1"]["prompt"]["role"] = "judge"
+    arms["student-v2"]["template"] = "Review: {{text}}\nSentiment:"
+    two_fields = load_task("sentiment").model_dump(by_alias=True) | {
+        "name": "pair", "generator": None, "input_fields": ["review", "title"],
+        "teacher_template": "{{title}}: {{review}}", "student_template": "{{title}}: {{review}}",
+    }
+    (tmp_path / "pair.yaml").write_text(yaml.safe_dump(two_fields))
+    arms["student-v3"] = {"role": "candidate", "upstream": "http://127.0.0.1:8080", "prompt": {"task": str(tmp_path / "pair.yaml"), "role": "student"}}
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(raw)
+    problems = {p.path: p for p in caught.value.problems}
+    assert set(problems) == {
+        "routes.sentiment.arms.teacher.prompt.task",
+        "routes.sentiment.arms.student-v1.prompt.role",
+        "routes.sentiment.arms.student-v2.prompt",
+        "routes.sentiment.arms.student-v3.prompt.task",
+    }
+    assert "unknown task 'nope'" in problems["routes.sentiment.arms.teacher.prompt.task"].message
+    assert "demo, sentiment" in problems["routes.sentiment.arms.teacher.prompt.task"].message
+    assert "not both" in problems["routes.sentiment.arms.student-v2.prompt"].message
+    assert "input fields ['review', 'title']" in problems["routes.sentiment.arms.student-v3.prompt.task"].message
+    assert all(p.fix for p in caught.value.problems)
+
+
+def test_a_route_template_is_checked_like_any_template():
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    arms = raw["routes"]["sentiment"]["arms"]
+    del arms["teacher"]["prompt"]
+    arms["teacher"]["template"] = "Review: {text}\nSentiment:"
+    del arms["student-v1"]["prompt"]
+    arms["student-v1"]["template"] = "{{text}} ({{lang}})"
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(raw)
+    messages = {p.path: str(p) for p in caught.value.problems}
+    assert messages["routes.sentiment.arms.teacher.template"].endswith("the template has {text} in single braces, which is literal text; fix: write {{text}}")
+    assert "the template uses ['lang']" in messages["routes.sentiment.arms.student-v1.template"]

@@ -23,8 +23,8 @@ TASK = load_task("demo")
 CODES = Task(
     name="codes",
     input_fields=["text"],
-    teacher_template="Code for: {text}\nCode:",
-    student_template="{text}\nCode:",
+    teacher_template="Code for: {{text}}\nCode:",
+    student_template="{{text}}\nCode:",
     output={"type": "regex", "pattern": r"[A-Z]{2}-\d+"},
 )
 
@@ -223,7 +223,7 @@ def test_the_recipe_samples_judges_and_curates_a_run(tmp_path):
     with stub_server(answer) as (url, seen):
         curation_config = {
             "self_consistency": {"samples": 3, "min_agreement": 0.9},
-            "ranking": {"by": "judge", "keep_fraction": 0.5, "judge": {"url": url}, "judge_prompt": "Rate {output} for: {input}\nScore:"},
+            "ranking": {"by": "judge", "keep_fraction": 0.5, "judge": {"url": url}, "judge_prompt": "Rate {{output}} for: {{input}}\nScore:"},
             "balance": False,
         }
         config = RunConfig.model_validate(

@@ -60,7 +60,7 @@ def test_the_task_judge_criterion_scores_outputs_through_a_judge_endpoint(tmp_pa
     from training.evaluation import evaluate, report_markdown
 
     spec = load_task("demo").model_dump(by_alias=True)
-    spec.update(name="judged", generator=None, judge={"prompt": "Review: {input}\nLabel: {output}\nGold: {reference}\nScore 1-5:", "scale": [1, 5]})
+    spec.update(name="judged", generator=None, judge={"prompt": "Review: {{input}}\nLabel: {{output}}\nGold: {{reference}}\nScore 1-5:", "scale": [1, 5]})
     (tmp_path / "judged.yaml").write_text(yaml.safe_dump(spec))
     task = load_task(str(tmp_path / "judged.yaml"))
     rows = [{"id": str(i), "inputs": {"review": text}, "gold": "positive", "output": None} for i, text in enumerate(["good", "fine", "bad", "odd"])]
@@ -95,4 +95,4 @@ def test_a_judge_prompt_without_its_placeholders_is_refused(tmp_path):
     (tmp_path / "judged.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(TaskError) as error:
         load_task(str(tmp_path / "judged.yaml"))
-    assert "judge.prompt never uses {input}" in str(error.value) and "judge.scale [5.0, 1.0] is empty" in str(error.value)
+    assert "judge.prompt never uses {{input}}" in str(error.value) and "judge.scale [5.0, 1.0] is empty" in str(error.value)

@@ -55,11 +55,11 @@ def test_no_logprob_on_any_row_is_an_error_naming_the_field_and_fix():
     with pytest.raises(DatasetError, match="no training row has a teacher_logprob and teacher_tokens"):
         curation.rank([row("a", teacher_logprob=-1.0)], RankingConfig(per_token=True))
     with pytest.raises(DatasetError, match="no training row has a judge_score"):
-        curation.rank([row("a")], RankingConfig(by="judge", judge=EndpointConfig(url="http://x"), judge_prompt="{input} {output}"))
+        curation.rank([row("a")], RankingConfig(by="judge", judge=EndpointConfig(url="http://x"), judge_prompt="{{input}} {{output}}"))
 
 
 def test_a_judge_score_counts_only_for_the_output_it_judged():
-    config = RankingConfig(by="judge", keep_fraction=1.0, judge=EndpointConfig(url="http://x"), judge_prompt="{input} {output}")
+    config = RankingConfig(by="judge", keep_fraction=1.0, judge=EndpointConfig(url="http://x"), judge_prompt="{{input}} {{output}}")
     rows = [row("a", judge_score=5.0, judge_output="positive"), row("b", output="negative", judge_score=9.0, judge_output="positive")]
     step = curation.rank(rows, config)
     assert [r["id"] for r in step.kept] == ["a"] and [(r["id"], reason) for r, reason in step.dropped] == [("b", "no_score")]
@@ -71,21 +71,23 @@ def test_config_validation_names_the_field_and_fix():
     assert "curation.ranking.judge is required when by is 'judge'; add judge: {url: URL}" in str(error.value)
     assert "curation.ranking.judge_prompt is required when by is 'judge'" in str(error.value)
     with pytest.raises(ConfigError, match=r"judge_prompt never uses \{output\}; add it"):
-        load_config(None, {"name": "x", "curation.ranking": {"by": "judge", "judge": {"url": "http://j"}, "judge_prompt": "Rate {input}"}})
+        load_config(None, {"name": "x", "curation.ranking": {"by": "judge", "judge": {"url": "http://j"}, "judge_prompt": "Rate {{input}}"}})
     with pytest.raises(ConfigError, match="curation.ranking.keep_fraction"):
         load_config(None, {"name": "x", "curation.ranking": {"keep_fraction": 0}})
     with pytest.raises(ConfigError, match="curation.ranking.by"):
         load_config(None, {"name": "x", "curation.ranking": {"by": "length"}})
     with pytest.raises(ConfigError, match=r"curation.ranking.judge.bogus: unknown key"):
-        load_config(None, {"name": "x", "curation.ranking": {"by": "judge", "judge": {"url": "http://j", "bogus": 1}, "judge_prompt": "{input}{output}"}})
+        load_config(None, {"name": "x", "curation.ranking": {"by": "judge", "judge": {"url": "http://j", "bogus": 1}, "judge_prompt": "{{input}}{{output}}"}})
     with pytest.raises(ConfigError, match="per_token applies to by: teacher_logprob only"):
-        load_config(None, {"name": "x", "curation.ranking": {"by": "judge", "per_token": True, "judge": {"url": "http://j"}, "judge_prompt": "{input}{output}"}})
-    config = load_config(None, {"name": "x", "curation.ranking": {"by": "judge", "judge": {"url": "http://j"}, "judge_prompt": "{input} -> {output}"}})
+        load_config(None, {"name": "x", "curation.ranking": {"by": "judge", "per_token": True, "judge": {"url": "http://j"}, "judge_prompt": "{{input}}{{output}}"}})
+    config = load_config(None, {"name": "x", "curation.ranking": {"by": "judge", "judge": {"url": "http://j"}, "judge_prompt": "{{input}} -> {{output}}"}})
     assert config.curation.ranking.judge.url == "http://j"
 
 
 def test_judge_prompt_rendering_and_score_parsing():
-    assert judge.render_prompt('{"q": "{input}"} {output}', "a {output} b", "X") == '{"q": "a {output} b"} X'
+    assert judge.render_prompt('{"q": "{{input}}"} {{output}}', "a {{output}} b", "X") == '{"q": "a {{output}} b"} X'
+    with pytest.raises(ValueError, match=r"judge prompt has \{input\} in single braces, which is literal text; write \{\{input\}\}"):
+        judge.render_prompt("Rate {input}: {{output}}", "a", "b")
     assert [judge.parse_score(text) for text in (" 7/10", "Score: -2.5", "none", "")] == [7.0, -2.5, None, None]
 
 
@@ -96,7 +98,7 @@ def test_judge_scores_against_a_server_are_cached(tmp_path):
 
     rows = [row("a"), row("b", output="negative"), row("c"), row("d", split="test")]
     outputs = {"a": "positive", "b": "negative", "c": "positive"}
-    template = "Input: {input}\nAnswer: {output}\nScore 0-10:"
+    template = "Input: {{input}}\nAnswer: {{output}}\nScore 0-10:"
     with stub_server(answer) as (url, seen):
         endpoint = Endpoint(EndpointConfig(url=url, concurrency=2))
         judged, report = consistency.judge(rows, TASK, endpoint, template, tmp_path / "judge.jsonl", outputs)

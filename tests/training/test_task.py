@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from training.task import TaskError, load_task
 from training.tasks import sentiment_data
@@ -23,8 +24,8 @@ def test_every_problem_in_a_task_file_is_reported_with_its_field(tmp_path):
     path.write_text(
         "name: Bad Name\n"
         "input_fields: [text]\n"
-        "teacher_template: 'Q: {question}'\n"
-        "student_template: '{text}'\n"
+        "teacher_template: 'Q: {{question}}'\n"
+        "student_template: '{{text}}'\n"
         "output: {type: labels, labels: [spam, ham]}\n"
         "metrics: [json_valid]\n"
         "colour: blue\n"
@@ -56,7 +57,7 @@ def test_parse_checks_each_output_format(tmp_path):
 
     json_task = tmp_path / "json.yaml"
     json_task.write_text(
-        "name: extract\ninput_fields: [text]\nteacher_template: '{text}'\nstudent_template: '{text}'\n"
+        "name: extract\ninput_fields: [text]\nteacher_template: '{{text}}'\nstudent_template: '{{text}}'\n"
         "output: {type: json, schema: {type: object, required: [city], properties: {city: {type: string}}}}\n"
     )
     task = load_task(json_task)
@@ -66,7 +67,7 @@ def test_parse_checks_each_output_format(tmp_path):
 
     regex_task = tmp_path / "regex.yaml"
     regex_task.write_text(
-        "name: code\ninput_fields: [text]\nteacher_template: '{text}'\nstudent_template: '{text}'\n"
+        "name: code\ninput_fields: [text]\nteacher_template: '{{text}}'\nstudent_template: '{{text}}'\n"
         "output: {type: regex, pattern: '[A-Z]{3}-[0-9]+'}\n"
     )
     task = load_task(regex_task)
@@ -94,3 +95,33 @@ def test_generator_is_deterministic_and_heldout_vocabulary_is_unseen_in_training
     assert all(any(word in row["review"] for word in sentiment_words) for row in heldout)
     heldout_subjects = {subject for subjects in heldout_vocabulary["subjects"].values() for subject in subjects}
     assert not any(subject in row["review"] for row in train for subject in heldout_subjects)
+
+
+def test_a_single_brace_placeholder_of_a_field_is_refused_with_the_fix(tmp_path):
+    spec = load_task("demo").model_dump(by_alias=True)
+    path = tmp_path / "old.yaml"
+    for key, value, expected in [
+        ("student_template", "Review: {review}\nSentiment:", "student_template has {review} in single braces, which is literal text; write {{review}}"),
+        ("judge", {"prompt": "Rate {output} for {{input}}"}, "judge.prompt has {output} in single braces, which is literal text; write {{output}}"),
+    ]:
+        path.write_text(yaml.safe_dump({**spec, "generator": None, key: value}))
+        with pytest.raises(TaskError) as caught:
+            load_task(path)
+        assert expected in str(caught.value)
+        assert "never uses" not in str(caught.value)  # a single-brace field is reported once, with its fix
+
+
+def test_single_braces_are_literal_so_a_json_few_shot_prompt_needs_no_escaping(tmp_path):
+    path = tmp_path / "json.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "extract",
+        "input_fields": ["text"],
+        "teacher_template": '{"text": "Lovely."} -> {"label": "positive"}\n{"text": "{{text}}"} ->',
+        "student_template": "{{ text }} ->",
+        "output": {"type": "json", "schema": {"type": "object"}},
+    }))
+    task = load_task(path)
+    prompt = task.teacher_prompt({"text": "Odd {text}"})
+    assert prompt == '{"text": "Lovely."} -> {"label": "positive"}\n{"text": "Odd {text}"} ->'
+    assert task.inputs_from_prompt(prompt) == {"text": "Odd {text}"}
+    assert task.student_prompt({"text": "Odd"}) == "Odd ->" and task.template("student").fields == ("text",)
