@@ -21,6 +21,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
+from scipy import stats
+
 from abtest.experiment import Experiment, Guardrail
 from abtest.stats import fixed, multiple, power, sequential
 from abtest.stats.result import OK, Comparison
@@ -142,6 +144,8 @@ class MetricResult:
     always_valid_p_value: float | None = None  # mSPRT (secondary: corrected)
     relative_lift: float | None = None
     limit: float | None = None  # guardrails: the highest passing candidate value
+    control_ci: tuple[float, float] | None = None  # each arm's own 95% interval (tests only)
+    candidate_ci: tuple[float, float] | None = None
     detail: str = ""
 
 
@@ -196,12 +200,23 @@ def compare(declaration: MetricDeclaration, control: Mean, candidate: Mean, plan
     return fixed.welch(control, candidate, plan.alpha), sequential.msprt(control, candidate, plan.mde, plan.alpha).comparison
 
 
+def arm_interval(declaration: MetricDeclaration, arm: Mean, alpha: float) -> tuple[float, float] | None:
+    """One arm's own interval: Wilson for a rate, Student-t for a mean."""
+    if declaration.type == "boolean":
+        return fixed.wilson(Proportion(arm.n, round(arm.sum)), alpha) if arm.n else None
+    if arm.n < 2:
+        return None
+    half = float(stats.t.ppf(1 - alpha / 2, arm.n - 1)) * math.sqrt(arm.variance / arm.n)
+    return arm.mean - half, arm.mean + half
+
+
 def _metric_row(name: str, role: str, declaration: MetricDeclaration, control: Mean, candidate: Mean, plan: Experiment) -> MetricResult:
     fixed_result, sequential_result = compare(declaration, control, candidate, plan)
     shown = sequential_result if plan.method == "sequential" else fixed_result
     return MetricResult(
         name, role, fixed_result.status, fixed_result.control, fixed_result.candidate, fixed_result.estimate, shown.ci,
         fixed_result.p_value, sequential_result.p_value if sequential_result.ok else None, fixed_result.relative_lift,
+        control_ci=arm_interval(declaration, control, plan.alpha), candidate_ci=arm_interval(declaration, candidate, plan.alpha),
         detail=f"n = {control.n} control, {candidate.n} candidate; goal: {declaration.goal}",
     )
 
@@ -326,3 +341,75 @@ def _decide(plan: Experiment, declaration: MetricDeclaration, ratio: SrmCheck, p
                               f"({label} = {p:.3g}); any effect is smaller than the plan's mde of {plan.mde}"]
     return CONTINUE, [f"no significant difference in {plan.primary} yet ({label} = {p:.3g}); "
                       f"{'about ' + str(max(planned - n, 0)) + ' more per arm to the planned size' if planned else 'keep collecting'}"]
+
+
+def declarations_of(route) -> dict[str, MetricDeclaration]:
+    """The route's outcome metrics as the analysis sees them."""
+    return {name: MetricDeclaration(spec.type, spec.goal) for name, spec in route.metrics.items()}
+
+
+def pick_candidate(route, candidate: str | None) -> str:
+    """The candidate to judge: the one named, or the serving candidate with the largest weight."""
+    candidates = route.candidate_arms()
+    if candidate is not None:
+        if candidate not in candidates:
+            raise ValueError(f"--candidate {candidate!r} is not a candidate arm of the route; use one of {candidates}")
+        return candidate
+    serving = sorted((arm for arm in candidates if route.arms[arm].weight > 0), key=lambda arm: -route.arms[arm].weight)
+    if not serving:
+        raise ValueError(f"no candidate arm has a weight above 0; name one with --candidate (one of {candidates})")
+    return serving[0]
+
+
+def analyze_route(config, route_name: str, source, start: float, end: float, candidate: str | None = None,
+                  points: int = 0) -> tuple[Analysis, list[Analysis]]:
+    """The analysis of one route over [start, end] from ``source``, and (``points`` > 0) the same at earlier cut times."""
+    route = config.routes.get(route_name)
+    if route is None:
+        raise ValueError(f"route {route_name!r} is not in the traffic-split file; use one of {sorted(config.routes)}")
+    if route.experiment is None:
+        raise ValueError(f"route {route_name!r} has no `experiment:` block; add the analysis plan (see abtest/experiment.py)")
+    candidate = pick_candidate(route, candidate)
+    control = route.control_arm()
+    window = read_window(source, route_name, start, end)
+    names = list(route.arms)
+
+    def at(until: float) -> Analysis:
+        return analyze(route_name, route.experiment, declarations_of(route), route.weights(), control, candidate,
+                       summarise(window, names, until), (start, until), window.errors)
+
+    history = [at(start + (end - start) * k / points) for k in range(1, points)] if points > 1 else []
+    final = at(end)
+    return final, [*history, final] if points > 1 else []
+
+
+def format_text(result: Analysis) -> str:
+    """The analysis as a terminal table with the verdict and its reasons."""
+    def number(value, digits=4):
+        return "—" if value is None else f"{value:.{digits}g}"
+
+    seconds = result.window[1] - result.window[0]
+    lines = [
+        f"route {result.route}: {result.candidate} (candidate) vs {result.control} (control), window {seconds / 60:.0f} min",
+        f"requests per arm: {', '.join(f'{arm} {n}' for arm, n in result.arms.items())}",
+        f"SRM: {result.srm.status}" + (f", p = {result.srm.p_value:.3g} ({'ok' if result.srm.ok else 'MISMATCH'})"
+                                        if result.srm.p_value is not None else ""),
+        "",
+        f"{'metric':<18} {'role':<10} {'control':>9} {'candidate':>9} {'estimate':>9} {'interval':>21} {'p':>9} {'valid p':>9}  status",
+    ]
+    for row in result.metrics:
+        interval = f"[{number(row.ci[0], 3)}, {number(row.ci[1], 3)}]" if row.ci else "—"
+        lines.append(f"{row.name:<18} {row.role:<10} {number(row.control):>9} {number(row.candidate):>9} {number(row.estimate):>9} "
+                     f"{interval:>21} {number(row.p_value, 3):>9} {number(row.always_valid_p_value, 3):>9}  {row.status}")
+    lines += [
+        "",
+        f"planned samples per arm: {result.planned_samples_per_arm or '—'}; still needed: "
+        f"{result.samples_needed if result.samples_needed is not None else '—'}",
+        f"unit: one request per observation (sticky assignment clusters a user's requests, so intervals are optimistic "
+        f"when users send many)",
+        *(f"source problem: {error}" for error in result.errors),
+        "",
+        f"verdict: {result.verdict.upper()}",
+        *(f"  - {reason}" for reason in result.reasons),
+    ]
+    return "\n".join(lines)

@@ -96,14 +96,3 @@ class Experiment(_Strict):
 
     def outcome_metrics(self) -> list[str]:
         return [self.primary, *self.secondary]
-
-    def problems(self, declared: dict[str, str]) -> list[tuple[str, str]]:
-        """(field, problem and fix) for metrics the route does not declare; ``declared``: name -> type."""
-        found = []
-        for where, name in [("primary", self.primary), *((f"secondary.{i}", n) for i, n in enumerate(self.secondary))]:
-            if name not in declared:
-                found.append((f"experiment.{where}", f"{name!r} is neither a metric nor a check of this route; "
-                                                     f"use one of {sorted(declared)} or declare it under metrics/checks"))
-        if self.primary in self.secondary:
-            found.append(("experiment.secondary", f"{self.primary!r} is already the primary metric; remove it"))
-        return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from scipy import stats
-from statsmodels.stats.proportion import confint_proportions_2indep
+from statsmodels.stats.proportion import confint_proportions_2indep, proportion_confint
 
 from abtest.stats.result import OK, ZERO_VARIANCE, Comparison, degenerate
 from abtest.stats.sufficient import Mean, Proportion
@@ -63,3 +63,9 @@ def relative_lift(
         return None, None
     half = float(stats.norm.ppf(1 - alpha / 2)) * math.sqrt(variance)
     return ratio - 1, (ratio - 1 - half, ratio - 1 + half)
+
+
+def wilson(arm: Proportion, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score interval of one arm's rate."""
+    low, high = proportion_confint(arm.successes, arm.n, alpha=alpha, method="wilson")
+    return float(low), float(high)

@@ -57,6 +57,11 @@ def running_prometheus(tmp_path: Path, targets: list[str], scrape_interval_ms: i
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"prometheus did not start: {(tmp_path / 'prometheus.log').read_text()[-2000:]}")
             time.sleep(0.2)
+        # Target discovery reaches the scraper after up to 5 s: wait until every target has been scraped.
+        while len([s for s in client.instant("up == 1").series]) < len(targets):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prometheus never scraped {targets}: {(tmp_path / 'prometheus.log').read_text()[-2000:]}")
+            time.sleep(0.2)
         yield client
     finally:
         client.close()
