@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check = subparsers.add_parser("route-check", help="validate a traffic-split file and print its version (exit 1 if invalid)")
     check.add_argument("config", type=Path)
     check.set_defaults(handler=_route_check)
+    _register_abtest(subparsers)
 
 
 def _route_check(args: argparse.Namespace) -> int:
@@ -68,3 +69,137 @@ def _route(args: argparse.Namespace) -> int:
     # No access log: the request log records every exchange, and a line per request costs latency.
     uvicorn.run(create_app(router), host=args.host, port=args.port, log_level="info", access_log=False)
     return 0
+
+
+# --- abtest analyze | watch -------------------------------------------------------------------
+
+
+def _add_source_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--route", required=True, help="the route to analyse (a key of routes: in the traffic-split file)")
+    parser.add_argument("--config", type=Path, required=True, help="traffic-split YAML with the route's experiment: plan")
+    parser.add_argument("--candidate", default=None, help="candidate arm to judge (default: the serving candidate with the most weight)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prometheus", metavar="URL", help="read the router's series from this Prometheus (http://HOST:9090)")
+    source.add_argument("--metrics-url", metavar="URL",
+                        help="no Prometheus: scrape this router /metrics on every look into --state and read the snapshots")
+    parser.add_argument("--state", type=Path, default=None,
+                        help="snapshot file for --metrics-url (default: $STILLHOUSE_HOME/abtest/ROUTE.jsonl)")
+
+
+def _register_abtest(subparsers: argparse._SubParsersAction) -> None:
+    abtest = subparsers.add_parser("abtest", help="analyse an A/B test and roll a candidate out")
+    sub = abtest.add_subparsers(dest="abtest_command", metavar="ACTION", required=True)
+    analyze = sub.add_parser("analyze", help="SRM, metrics, guardrails and a verdict (promote, rollback, continue, inconclusive)")
+    _add_source_flags(analyze)
+    analyze.add_argument("--window", default="1h", help="how far back to look: 90s, 30m, 1h, 2d (default 1h)")
+    analyze.add_argument("--json", action="store_true", help="print the analysis as one JSON object")
+    analyze.add_argument("--html", type=Path, default=None, help="also write a self-contained HTML report with plots here")
+    analyze.set_defaults(handler=_abtest_analyze)
+    watch = sub.add_parser("watch", help="ramp the candidate through experiment.ramp.steps; roll back at once on a breach")
+    _add_source_flags(watch)
+    watch.add_argument("--interval", type=float, default=30.0, help="seconds between looks (default 30)")
+    watch.add_argument("--decision-log", type=Path, default=None, help="JSONL file each decision is appended to "
+                       "(default: $STILLHOUSE_HOME/abtest/ROUTE-decisions.jsonl)")
+    watch.add_argument("--dry-run", action="store_true", help="decide and log, but never write the traffic-split file")
+    watch.add_argument("--max-looks", type=int, default=None, help="stop after this many looks (default: until promoted or rolled back)")
+    watch.set_defaults(handler=_abtest_watch)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90s``, ``30m``, ``1h`` or ``2d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value, unit = float(text[:-1]), units[text[-1]]
+    except (ValueError, KeyError, IndexError):
+        raise SystemExit(f"--window {text!r}: write a number and a unit, e.g. 90s, 30m, 1h or 2d") from None
+    if value <= 0:
+        raise SystemExit(f"--window {text!r} must be positive")
+    return value * unit
+
+
+class _ScrapingSource:
+    """The snapshot store, scraped once before each read pass (one look = one snapshot)."""
+
+    def __init__(self, url: str, state: Path):
+        from monitoring.snapshots import SnapshotStore
+
+        self.url, self.store = url, SnapshotStore(state)
+
+    def look(self) -> str | None:
+        return self.store.scrape(self.url)
+
+    def read(self, *args, **kwargs):
+        return self.store.read(*args, **kwargs)
+
+
+def _source(args: argparse.Namespace):
+    from monitoring.prometheus import Prometheus, PrometheusSource
+    from serving.base_models import stillhouse_home
+
+    if args.prometheus:
+        return PrometheusSource(Prometheus(args.prometheus))
+    state = args.state or stillhouse_home() / "abtest" / f"{args.route}.jsonl"
+    return _ScrapingSource(args.metrics_url.rstrip("/") + ("" if args.metrics_url.endswith("/metrics") else "/metrics"), state)
+
+
+def _look(source) -> None:
+    if isinstance(source, _ScrapingSource) and (problem := source.look()) is not None:
+        print(f"warning: {problem}; analysing the snapshots already taken", file=sys.stderr)
+
+
+def _abtest_analyze(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from abtest import config
+    from abtest.analysis import analyze_route, format_text
+    from abtest.report import write_html
+
+    try:
+        loaded = config.load(args.config)
+    except config.ConfigError as error:
+        print(error, file=sys.stderr)
+        return 1
+    window = parse_duration(args.window)
+    source = _source(args)
+    _look(source)
+    end = time.time()
+    try:
+        result, history = analyze_route(loaded, args.route, source, end - window, end, args.candidate, points=20 if args.html else 0)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_text(result))
+    if args.html:
+        path = write_html(args.html, result, history, loaded.routes[args.route].weights())
+        print(f"report: {path.resolve()}", file=sys.stderr)
+    return 0
+
+
+def _abtest_watch(args: argparse.Namespace) -> int:
+    import time
+
+    from abtest import config
+    from abtest.rollout import Watch
+    from serving.base_models import stillhouse_home
+
+    source = _source(args)
+    log = args.decision_log or stillhouse_home() / "abtest" / f"{args.route}-decisions.jsonl"
+    try:
+        watch = Watch(args.config, args.route, source, args.candidate, log, dry_run=args.dry_run)
+    except (config.ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"watching {args.route}: {watch.candidate} at {watch.weight:g}%, steps {watch.plan.ramp.steps}, "
+          f"decisions in {log}{' (dry run)' if args.dry_run else ''}", file=sys.stderr)
+    _look(source)
+    decision = watch.start()
+    print(f"{decision.action}: {watch.candidate} at {decision.weight:g}% — {'; '.join(decision.reasons)}")
+    looks = 0
+    while not decision.final and (args.max_looks is None or looks < args.max_looks):
+        time.sleep(args.interval)
+        _look(source)
+        decision = watch.look()
+        looks += 1
+        print(f"{decision.action}: {watch.candidate} at {decision.weight:g}% — {'; '.join(decision.reasons)}", flush=True)
+    return 0 if decision.action != "rollback" else 3

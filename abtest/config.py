@@ -43,6 +43,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from pydantic import ValidationError as PydanticValidationError
 
+from abtest.experiment import Experiment
 from serving import prompts
 from serving.prompts import Template
 
@@ -109,6 +110,7 @@ class Route(_Strict):
     metrics: dict[str, MetricSpec] = Field(default_factory=dict)
     arms: dict[str, Arm]
     shadow: list[Shadow] = Field(default_factory=list)
+    experiment: Experiment | None = None  # the pre-registered analysis plan (abtest/experiment.py)
 
     def render(self, arm: Arm, prompt: str) -> str:
         """The prompt an arm receives: its template with the client's prompt filled in."""
@@ -121,6 +123,12 @@ class Route(_Strict):
 
     def fallback_arm(self) -> str | None:
         return next((name for name, arm in self.arms.items() if arm.fallback), None)
+
+    def control_arm(self) -> str:
+        return next(name for name, arm in self.arms.items() if arm.role == "control")
+
+    def candidate_arms(self) -> list[str]:
+        return [name for name, arm in self.arms.items() if arm.role == "candidate"]
 
 
 class TrafficConfig(_Strict):
@@ -246,6 +254,18 @@ def _semantic_problems(raw: dict) -> list[Problem]:
             if not str(name).replace("_", "").isalnum():
                 problems.append(Problem(f"{where}.metrics.{name}", "metric names become Prometheus label values and API keys",
                                         "use letters, digits and underscores"))
+        experiment = route.get("experiment")
+        if isinstance(experiment, dict):
+            declared = {str(name): str(_as_dict(spec).get("type")) for name, spec in _as_dict(route.get("metrics")).items()}
+            for key in ("primary", "secondary"):
+                names = experiment.get(key)
+                for index, name in enumerate([names] if key == "primary" else names if isinstance(names, list) else []):
+                    path = f"{where}.experiment.{key}" + ("" if key == "primary" else f".{index}")
+                    if isinstance(name, str) and name not in declared:
+                        problems.append(Problem(path, f"{name!r} is not a metric of this route",
+                                                f"use one of {sorted(declared)} or declare it under {where}.metrics"))
+            if experiment.get("primary") in (experiment.get("secondary") or []):
+                problems.append(Problem(f"{where}.experiment.secondary", "the primary metric is listed again", "remove it from secondary"))
     default = raw.get("default_upstream")
     if isinstance(default, str) and not default.startswith(("http://", "https://")):
         problems.append(Problem("default_upstream", f"{default!r} is not an http(s) URL", "write it as http://HOST:PORT"))

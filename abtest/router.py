@@ -34,7 +34,8 @@ from abtest import config as traffic
 from abtest.assignment import assign
 from abtest.circuit_breaker import CircuitBreaker
 from abtest.protocol import GENERATION_PATHS, Answer, BadCall, Call, StreamAnswer, answer_from_json, for_arm, parse_call
-from monitoring.metrics import DEFAULT_ARM_LABEL, PASSTHROUGH_ROUTE_LABEL, RouterMetrics
+from monitoring.catalog import DEFAULT_ARM_LABEL, PASSTHROUGH_ROUTE_LABEL
+from monitoring.metrics import RouterMetrics
 from serving import auth
 from serving.errors import (
     AdapterNotFoundError,
@@ -372,7 +373,7 @@ class Router:
         """Metrics, log row, feedback index and shadow calls for an answered exchange."""
         self.metrics.observe_request(
             target.route, target.arm, outcome, duration_s=duration_s, ttft_s=ttft_s,
-            prompt_tokens=answer.prompt_tokens, completion_tokens=answer.generated_tokens,
+            prompt_tokens=answer.prompt_tokens, generated_tokens=answer.generated_tokens,
         )
         self._log(exchange, target, answer, status, outcome, duration_s, ttft_s)
         self._arms[exchange.request_id] = (exchange.route, target.arm)

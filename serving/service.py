@@ -17,14 +17,14 @@ from typing import AsyncIterator, Callable, Literal
 
 from pydantic import BaseModel
 
-from monitoring.metrics import BASE_ADAPTER_LABEL, ServerMetrics
+from monitoring.catalog import BASE_ADAPTER_LABEL, UNKNOWN_ADAPTER_LABEL
+from monitoring.metrics import ServerMetrics
 from serving import servability
 from serving.engines.base import AdapterRef, Engine, Event, GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 from serving.errors import AdapterNotServableError, IncompleteGenerationError, ServingError, ValidationError
 from serving.registry import Registry
 from serving.request_log import Exchange, RequestLog
 
-UNKNOWN_ADAPTER_LABEL = "__unknown__"  # requests refused before their adapter was known
 
 
 @dataclass(frozen=True)

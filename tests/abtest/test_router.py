@@ -119,7 +119,8 @@ def test_feedback_is_joined_to_the_arm_and_exported(routed):
     n = len(by_arm["student"])
     assert f'stillhouse_router_feedback_count_total{{arm="student",metric="rating",route="sentiment"}} {float(n)}' in metrics
     assert f'stillhouse_router_feedback_sum_squares_total{{arm="student",metric="rating",route="sentiment"}} {4.0 * n}' in metrics
-    assert f'stillhouse_router_feedback_sum{{arm="student",metric="rating",route="sentiment"}} {2.0 * n}' in metrics
+    assert f'stillhouse_router_feedback_sum_positive_total{{arm="student",metric="rating",route="sentiment"}} {2.0 * n}' in metrics
+    assert 'stillhouse_router_feedback_sum_negative_total{arm="student",metric="rating",route="sentiment"} 0.0' in metrics
     router.request_log.flush()
     rows = SQLiteStore(tmp_path / "log.db").query(route="sentiment", arm="student", min_feedback={"rating": 2})
     assert sorted(r.exchange.request_id for r in rows) == sorted(by_arm["student"])
@@ -230,7 +231,7 @@ def test_metrics_have_the_documented_names(routed):
     metrics = httpx.get(f"{url}/metrics").text
     for name in ("stillhouse_router_requests_total", "stillhouse_router_request_duration_seconds_bucket",
                  "stillhouse_router_time_to_first_token_seconds_bucket", "stillhouse_router_prompt_tokens_total",
-                 "stillhouse_router_completion_tokens_total", "stillhouse_router_config_info",
+                 "stillhouse_router_generated_tokens_total", "stillhouse_router_config_info",
                  'stillhouse_request_log_dropped_rows_total{component="router"}'):
         assert name in metrics, name
     assert "x-request-id" not in metrics and "u1" not in metrics

@@ -1,0 +1,146 @@
+"""`stillhouse abtest watch`: ramp a candidate through the plan's steps while the verdicts allow.
+
+Each look analyses the traffic since the current step began (the weights are fixed within a
+step, so the SRM check and the arms' numbers are sound) and ``decide`` picks one action:
+
+- ``rollback``: the analysis says roll back (a failed SRM, a breached guardrail, a primary metric
+  significantly worse): the candidate's weight goes to 0 at once and the watch ends;
+- ``advance``: the step has been held ``min_minutes_per_step`` and every guardrail holds: the
+  candidate's weight goes to the next step (the control takes the rest);
+- ``promoted``: the last step was held and the verdict is ``promote``: the watch ends;
+- ``hold``: anything else (too early, guardrails not yet shown to hold).
+
+A new weight is written to the traffic-split file atomically (a temporary file, then rename), so
+the router's hot reload sees either the old file or the new one. Every decision and its inputs
+go to a JSONL decision log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from abtest import config as traffic
+from abtest.analysis import PROMOTE, ROLLBACK, Analysis, analyze_route, pick_candidate
+
+ADVANCE, HOLD, ROLLED_BACK, PROMOTED = "advance", "hold", "rollback", "promoted"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    weight: float  # the candidate's weight after the decision, percent
+    reasons: list[str]
+
+    @property
+    def final(self) -> bool:
+        return self.action in (ROLLED_BACK, PROMOTED)
+
+
+def decide(analysis: Analysis, steps: list[float], weight: float, held_minutes: float, min_minutes: float) -> Decision:
+    """The next action for a candidate now at ``weight`` percent, whose step has been held ``held_minutes``."""
+    if analysis.verdict == ROLLBACK:
+        return Decision(ROLLED_BACK, 0.0, analysis.reasons)
+    if held_minutes < min_minutes:
+        return Decision(HOLD, weight, [f"step {weight:g}% held {held_minutes:.1f} of {min_minutes:g} minutes"])
+    unproven = [row.name for row in analysis.metrics if row.role == "guardrail" and row.status != "pass"]
+    if unproven:
+        return Decision(HOLD, weight, [f"guardrails {unproven} not yet shown to hold at {weight:g}%"])
+    later = [step for step in steps if step > weight]
+    if later:
+        return Decision(ADVANCE, later[0], [f"step {weight:g}% held {held_minutes:.1f} minutes with every guardrail holding",
+                                            *analysis.reasons])
+    if analysis.verdict == PROMOTE:
+        return Decision(PROMOTED, weight, analysis.reasons)
+    return Decision(HOLD, weight, [f"at the last step ({weight:g}%), waiting for a promote verdict", *analysis.reasons])
+
+
+def write_weights(path: Path, route: str, weights: dict[str, float]) -> traffic.TrafficConfig:
+    """Set some arms' weights in the traffic-split file, validated, replacing the file atomically.
+
+    The file is rewritten from its parsed YAML, so comments are not kept.
+    """
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text())
+    for arm, weight in weights.items():
+        raw["routes"][route]["arms"][arm]["weight"] = weight
+    config = traffic.parse(raw, str(path))  # refuses a file the router would refuse
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w") as file:
+        yaml.safe_dump(raw, file, sort_keys=False)
+    os.replace(temporary, path)
+    return config
+
+
+def split_for(config: traffic.TrafficConfig, route: str, candidate: str, weight: float) -> dict[str, float]:
+    """Weights that give ``candidate`` ``weight`` percent and the control the rest."""
+    return {candidate: weight, config.routes[route].control_arm(): 100.0 - weight}
+
+
+class Watch:
+    """One candidate's rollout: looks, decisions, file writes and the decision log."""
+
+    def __init__(self, config_path: Path, route: str, source, candidate: str | None = None, decision_log: Path | None = None,
+                 dry_run: bool = False, clock=time.time):
+        self.config_path = Path(config_path)
+        self.route = route
+        self.source = source
+        self.dry_run = dry_run
+        self.clock = clock
+        config = traffic.load(self.config_path)
+        route_config = config.routes[route]
+        if route_config.experiment is None:
+            raise ValueError(f"route {route!r} has no `experiment:` block; the ramp's steps come from experiment.ramp")
+        candidates = route_config.candidate_arms()
+        # A fresh rollout's candidate has weight 0, so a lone candidate is the one meant.
+        self.candidate = candidates[0] if candidate is None and len(candidates) == 1 else pick_candidate(route_config, candidate)
+        self.plan = route_config.experiment
+        self.decision_log = Path(decision_log) if decision_log else None
+        self.step_started = self.clock()
+        self.weight = self._current_weight(config)
+
+    def _current_weight(self, config: traffic.TrafficConfig) -> float:
+        arms = config.routes[self.route].arms
+        total = sum(arm.weight for arm in arms.values()) or 1
+        return 100.0 * arms[self.candidate].weight / total
+
+    def start(self) -> Decision:
+        """Put the candidate on the first step when it is below it (a fresh rollout)."""
+        first = self.plan.ramp.steps[0]
+        if self.weight >= first:
+            return Decision(HOLD, self.weight, [f"the candidate already has {self.weight:g}%"])
+        decision = Decision(ADVANCE, first, [f"rollout starts at the first step, {first:g}%"])
+        self._apply(decision, None)
+        return decision
+
+    def look(self) -> Decision:
+        """Analyse the current step and act on it."""
+        now = self.clock()
+        config = traffic.load(self.config_path)
+        analysis, _ = analyze_route(config, self.route, self.source, self.step_started, now, self.candidate)
+        decision = decide(analysis, self.plan.ramp.steps, self.weight, (now - self.step_started) / 60,
+                          self.plan.ramp.min_minutes_per_step)
+        self._apply(decision, analysis)
+        return decision
+
+    def _apply(self, decision: Decision, analysis: Analysis | None) -> None:
+        before = self.weight
+        if decision.weight != before and not self.dry_run:
+            config = traffic.load(self.config_path)
+            write_weights(self.config_path, self.route, split_for(config, self.route, self.candidate, decision.weight))
+        if decision.weight != before:
+            self.weight = decision.weight
+            self.step_started = self.clock()
+        if self.decision_log is not None:
+            entry = {"time": self.clock(), "route": self.route, "candidate": self.candidate, "action": decision.action,
+                     "weight_before": before, "weight_after": decision.weight, "dry_run": self.dry_run, "reasons": decision.reasons,
+                     "analysis": analysis.to_json() if analysis else None}
+            self.decision_log.parent.mkdir(parents=True, exist_ok=True)
+            with self.decision_log.open("a") as file:
+                file.write(json.dumps(entry) + "\n")

@@ -1,0 +1,107 @@
+"""The metric catalog is the only source of names: collectors, docs and the README agree with it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import generate_latest
+
+from monitoring import catalog
+from monitoring.catalog import Kind, MetricSpec
+from monitoring.metrics import RouterMetrics, ServerMetrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def exported(registry) -> dict[str, tuple[str, set[str]]]:
+    """Family name as queried -> (type, label names seen on its samples)."""
+    families = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        name = family.name + "_total" if family.type == "counter" else family.name
+        labels = {key for sample in family.samples for key in sample.labels} - {"le"}
+        families[name] = (family.type, labels, family.documentation)
+    return families
+
+
+def test_server_collectors_are_exactly_the_catalog():
+    metrics = ServerMetrics()
+    metrics.observe_request("a@v1", "success", duration_s=0.1, ttft_s=0.05, prompt_tokens=3, generated_tokens=2)
+    metrics.adapter_load.labels("a@v1").observe(0.2)
+    metrics.queue_depth.set(1)
+    metrics.resident_adapters.set(1)
+    families = exported(metrics.registry)
+    assert set(families) == {spec.name for spec in catalog.SERVER_METRICS}
+    for spec in catalog.SERVER_METRICS:
+        assert families[spec.name] == (spec.kind.value, set(spec.labels), spec.help), spec.name
+
+
+def test_router_collectors_are_exactly_the_catalog():
+    metrics = RouterMetrics()
+    metrics.observe_request("r", "a", "success", duration_s=0.1, ttft_s=0.05, prompt_tokens=3, generated_tokens=2)
+    metrics.upstream_errors.labels("r", "a", "timeout").inc()
+    metrics.fallbacks.labels("r", "a", "b").inc()
+    metrics.shadow.labels("r", "a", "agree").inc()
+    metrics.observe_feedback("r", "a", "correct", 1.0)
+    metrics.set_config_version("abc")
+    metrics.config_reload_errors.inc()
+    metrics.request_log.dropped_rows.labels("router").inc()
+    families = exported(metrics.registry)
+    expected = [*catalog.ROUTER_METRICS, catalog.REQUEST_LOG_DROPPED_ROWS]
+    assert set(families) == {spec.name for spec in expected}
+    for spec in expected:
+        assert families[spec.name] == (spec.kind.value, set(spec.labels), spec.help), spec.name
+
+
+def test_feedback_sum_splits_signs_so_every_series_only_grows():
+    metrics = RouterMetrics()
+    for value in (2.0, -3.0, 0.5):
+        metrics.observe_feedback("r", "a", "reward", value)
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for sample in family.samples
+        if sample.name.startswith("stillhouse_router_feedback")
+    }
+    group = catalog.ROUTER_FEEDBACK
+    assert samples[group.count.name] == 3
+    assert samples[group.sum_positive.name] - samples[group.sum_negative.name] == pytest.approx(-0.5)
+    assert samples[group.sum_squares.name] == pytest.approx(4 + 9 + 0.25)
+    assert all(spec.kind is Kind.COUNTER for spec in group.specs)
+
+
+def test_bounded_labels_refuse_values_outside_their_vocabulary():
+    with pytest.raises(ValueError, match="outcome='sucess'"):
+        ServerMetrics().observe_request("a", "sucess")
+    with pytest.raises(ValueError, match="not one of"):
+        RouterMetrics().observe_request("r", "a", "ok")
+
+
+def test_specs_follow_the_naming_rules():
+    assert len(catalog.BY_NAME) == len(catalog.ALL_METRICS)
+    for spec in catalog.ALL_METRICS:
+        assert re.fullmatch(r"stillhouse_(server|router|request_log)_[a-z0-9_]+", spec.name), spec.name
+        assert spec.help.endswith(".") and spec.component
+    with pytest.raises(ValueError, match="end in _total"):
+        MetricSpec("stillhouse_server_things", Kind.COUNTER, "Things.")
+    with pytest.raises(ValueError, match="buckets"):
+        MetricSpec("stillhouse_server_seconds", Kind.HISTOGRAM, "Seconds.")
+    with pytest.raises(ValueError, match="label_values"):
+        MetricSpec("stillhouse_server_x_total", Kind.COUNTER, "X.", ("a",), {"b": ("c",)})
+
+
+def test_docs_table_is_generated_from_the_catalog():
+    committed = (ROOT / "docs" / "metrics.md").read_text()
+    assert committed == catalog.markdown_table(), "docs/metrics.md is stale: run `python -m monitoring.catalog > docs/metrics.md`"
+
+
+@pytest.mark.parametrize("document", ["README.md", *[str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").glob("*.md"))]])
+def test_every_metric_name_in_the_docs_is_in_the_catalog(document):
+    text = (ROOT / document).read_text()
+    histogram_series = {f"{spec.name}_{part}" for spec in catalog.ALL_METRICS if spec.kind is Kind.HISTOGRAM
+                        for part in ("bucket", "count", "sum")}
+    known = set(catalog.BY_NAME) | histogram_series
+    named = set(re.findall(r"\bstillhouse_[a-z0-9_]+", text))
+    assert named <= known, f"{document} names metrics the catalog does not have: {sorted(named - known)}"
