@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training import dataset, trainer
+from training import dataset, lora, trainer
 from training.config import RunConfig
 from training.evaluation import Z95, Metric, score
 from training.task import Task, load_task
@@ -251,9 +251,7 @@ def ablate(config: RunConfig, fractions: Sequence[float], say: Say, eval_limit: 
 
     task = load_task(config.task)
     base_dir = base_models.provision(config.base)
-    violations = trainer.check_servable(config.lora, base_dir)
-    if violations:
-        raise trainer.NotServableConfigError(config.lora.profile, violations)
+    lora.require_servable(config.lora, base_dir)
     train_rows, test_rows = prepare_data(config, task, say)
     test_rows = test_rows[:eval_limit]
     out_dir = config.run_dir / "ablation"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from serving import base_models
 from serving.registry import AdapterEntry, Registry, default_registry_dir
-from training import consistency, curation, dataset, distributed, trainer
+from training import consistency, curation, dataset, distributed, lora, trainer
 from training.config import ConfigError, EndpointConfig, RunConfig
 from training.endpoint import Endpoint
 from training.evaluation import EvalReport, evaluate, report_markdown
@@ -128,9 +128,7 @@ def train(config: RunConfig, say: Say, on_step: Callable[[int], None] | None = N
     task = load_task(config.task)
     base_dir = base_models.provision(config.base)
     # Refuse a non-servable shape before building or labelling any data for it.
-    violations = trainer.check_servable(config.lora, base_dir)
-    if violations:
-        raise trainer.NotServableConfigError(config.lora.profile, violations)
+    lora.require_servable(config.lora, base_dir)
     data_dir = _data_dir(config)
     if distributed.is_main():
         if not (data_dir / "card.json").is_file():

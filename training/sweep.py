@@ -2,8 +2,8 @@
 
 ``stillhouse sweep --vary rank=8,16 --vary lr=1e-4,5e-4`` makes the base configuration plus one
 variant per listed value that differs from the base, each changing exactly one field. Every
-configuration is validated and checked servable (``serving.servability.check_lora_config``, via
-:func:`training.trainer.check_servable`) *before anything trains*: one refused value refuses the
+configuration is validated and checked servable (:func:`training.lora.require_servable`, the guard
+``train`` and ``ablate`` use) *before anything trains*: one refused value refuses the
 whole sweep with every reason, so a sweep is servable by construction.
 
 Variants of curation fields (``max_label_ratio``, ``dedup_threshold``, ...) re-curate the run's
@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from training import curation, dataset, trainer
+from training import curation, dataset, lora, trainer
 from training.ablation import prepare_data, score_locally
 from training.config import ConfigError, RunConfig
 from training.task import describe_errors, load_task
@@ -112,8 +112,10 @@ def check_all_servable(configs: list[Variant], base_dir) -> None:
     """Raise :class:`SweepRefusedError` with every reason when any configuration is not servable."""
     problems = []
     for variant in configs:
-        for violation in trainer.check_servable(variant.config.lora, base_dir):
-            problems.append(f"{variant.label} ({variant.config.lora.profile} profile): {violation}")
+        try:
+            lora.require_servable(variant.config.lora, base_dir)
+        except lora.NotServableConfigError as refused:
+            problems += [f"{variant.label} ({refused.profile} profile): {violation}" for violation in refused.violations]
     if problems:
         raise SweepRefusedError("refusing the sweep, not servable (nothing trained):\n  " + "\n  ".join(problems))
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from training import trainer
+from training import batching, losses, trainer
 from training.config import LoraSettings, TrainSettings
 from training.task import load_task
 from training.tasks.sentiment_data import generate
@@ -56,7 +56,7 @@ def test_top_k_kl_by_hand():
     p = [0.75, 0.25]  # renormalised over the teacher's top-k
     q = [2 / 7, 1 / 7]
     expected = p[0] * math.log(p[0] / q[0]) + p[1] * math.log(p[1] / q[1])
-    assert trainer.top_k_kl(student, ids, logprobs).item() == pytest.approx(expected, rel=1e-6)
+    assert losses.top_k_kl(student, ids, logprobs).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_top_k_kl_is_zero_when_the_student_is_the_teacher():
@@ -65,9 +65,9 @@ def test_top_k_kl_is_zero_when_the_student_is_the_teacher():
     logprobs = torch.log(torch.tensor([[0.5, 0.3, 0.1], [0.7, 0.2, 0.1]]))
     student = torch.full((2, vocab), -1e4)
     student.scatter_(1, ids, torch.log_softmax(logprobs, -1))  # all mass on the teacher's top-k, renormalised
-    assert torch.allclose(trainer.top_k_kl(student, ids, logprobs), torch.zeros(2), atol=1e-6)
+    assert torch.allclose(losses.top_k_kl(student, ids, logprobs), torch.zeros(2), atol=1e-6)
     # any other student is penalised, including one that spreads mass outside the top-k
-    assert (trainer.top_k_kl(torch.zeros(2, vocab), ids, logprobs) > 0.1).all()
+    assert (losses.top_k_kl(torch.zeros(2, vocab), ids, logprobs) > 0.1).all()
 
 
 # --- alignment and the mixed loss -------------------------------------------------------------
@@ -75,7 +75,7 @@ def test_top_k_kl_is_zero_when_the_student_is_the_teacher():
 
 def test_aligned_positions_get_the_teachers_top_k_and_eos_gets_none(tokenizer):
     rows = kd_rows(tokenizer, n=2)
-    examples, _ = trainer.encode(rows, TASK, tokenizer, 256, kd_top_k=2)
+    examples, _ = batching.encode(rows, TASK, tokenizer, 256, kd_top_k=2)
     for example, row in zip(examples, rows):
         completion = example.input_ids[example.prompt_length :]
         assert len(example.teacher_top) == len(completion)
@@ -83,9 +83,9 @@ def test_aligned_positions_get_the_teachers_top_k_and_eos_gets_none(tokenizer):
         for student_id, top in zip(completion[:-1], example.teacher_top[:-1]):
             assert top[0] == (student_id, (student_id + 1) % 1000) and top[1] == (-0.2, -1.9)  # k=2 of 3
     # a teacher that parts from the student after one token: only the first position is distilled
-    (partial,), _ = trainer.encode(kd_rows(tokenizer, n=1, aligned=1), TASK, tokenizer, 256, kd_top_k=3)
+    (partial,), _ = batching.encode(kd_rows(tokenizer, n=1, aligned=1), TASK, tokenizer, 256, kd_top_k=3)
     assert partial.teacher_top[0] is not None and all(top is None for top in partial.teacher_top[1:])
-    plain, _ = trainer.encode(rows, TASK, tokenizer, 256)
+    plain, _ = batching.encode(rows, TASK, tokenizer, 256)
     assert all(example.teacher_top == () for example in plain)
 
 
@@ -94,25 +94,25 @@ def reference_losses(model, batch):
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
-    selected = targets != trainer.IGNORE
+    selected = targets != batching.IGNORE
     ce = F.cross_entropy(logits[selected], targets[selected], reduction="none")
     kd = batch["kd_mask"][:, 1:][selected]
     kl = torch.zeros_like(ce)
-    kl[kd] = trainer.top_k_kl(logits[selected][kd], batch["kd_ids"][:, 1:][selected][kd], batch["kd_logprobs"][:, 1:][selected][kd])
+    kl[kd] = losses.top_k_kl(logits[selected][kd], batch["kd_ids"][:, 1:][selected][kd], batch["kd_logprobs"][:, 1:][selected][kd])
     return ce, kl, kd
 
 
 def test_mixed_loss_matches_a_hand_computed_mix_and_is_ce_at_ratio_zero(model, tokenizer):
     rows = kd_rows(tokenizer, n=3)[:2] + kd_rows(tokenizer, n=1, aligned=1, seed=9)
-    examples, _ = trainer.encode(rows, TASK, tokenizer, 256, kd_top_k=3)
-    batch = trainer.collate(examples, tokenizer.pad_token_id)
+    examples, _ = batching.encode(rows, TASK, tokenizer, 256, kd_top_k=3)
+    batch = batching.collate(examples, tokenizer.pad_token_id)
     ce, kl, kd = reference_losses(model, batch)
     assert 0 < int(kd.sum()) < len(kd)  # EOS and the misaligned row's later positions are CE only
     with torch.no_grad():
-        plain, count = trainer.completion_loss(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
-        at_zero, _ = trainer.completion_loss(model, batch, 0.0)
-        half, half_count = trainer.completion_loss(model, batch, 0.5)
-        full, _ = trainer.completion_loss(model, batch, 1.0)
+        plain, count = losses.completion_loss(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
+        at_zero, _ = losses.completion_loss(model, batch, 0.0)
+        half, half_count = losses.completion_loss(model, batch, 0.5)
+        full, _ = losses.completion_loss(model, batch, 1.0)
     assert count == half_count == len(ce)
     assert at_zero.item() == plain.item()
     assert plain.item() == pytest.approx(ce.sum().item(), rel=1e-4)
@@ -128,14 +128,14 @@ def test_mixed_loss_matches_a_hand_computed_mix_and_is_ce_at_ratio_zero(model, t
 def test_rows_without_teacher_top_k_are_refused(tokenizer):
     rows = [{k: v for k, v in row.items() if not k.startswith("teacher_")} for row in kd_rows(tokenizer, n=1)]
     with pytest.raises(ValueError, match=r"no teacher_top_logprobs.*train\.kd_ratio: 0"):
-        trainer.encode(rows, TASK, tokenizer, 256, kd_top_k=3)
+        batching.encode(rows, TASK, tokenizer, 256, kd_top_k=3)
 
 
 def test_teacher_ids_outside_the_students_vocabulary_are_refused(tokenizer):
     rows = kd_rows(tokenizer, n=1)
     rows[0]["teacher_top_logprobs"][0].append([len(tokenizer) + 5, -9.0])
     with pytest.raises(ValueError, match="outside the student's vocabulary.*train.kd_ratio: 0"):
-        trainer.encode(rows, TASK, tokenizer, 256, kd_top_k=3)
+        batching.encode(rows, TASK, tokenizer, 256, kd_top_k=3)
 
 
 def test_no_aligned_positions_is_refused_before_loading_the_model(tmp_path, tiny_base_dir, tokenizer, monkeypatch):
