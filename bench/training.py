@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serving import base_models  # noqa: E402
 from training import batching, lora, losses  # noqa: E402
 from training.config import LoraSettings  # noqa: E402
+from training.row import Row  # noqa: E402
 from training.task import load_task  # noqa: E402
 from training.tasks.sentiment_data import generate  # noqa: E402
 
@@ -171,9 +172,9 @@ def main() -> int:
     task = load_task("demo")
     base_dir = base_models.provision(args.base)
     tokenizer = base_models.load_tokenizer(base_dir)
-    rows = [{"inputs": {"review": r["review"]}, "output": r["label"]} for r in generate("train", args.batch_size * (args.steps + 1) * 4)]
+    rows = [Row(id=r["id"], inputs={"review": r["review"]}, output=r["label"]) for r in generate("train", args.batch_size * (args.steps + 1) * 4)]
     examples, _ = batching.encode(rows, task, tokenizer, max_length=MAX_LENGTH)
-    records = [{"prompt": task.student_prompt(row["inputs"]), "completion": task.completion(row["output"])} for row in rows]
+    records = [{"prompt": task.student_prompt(row.inputs), "completion": task.completion(row.output)} for row in rows]
     lengths = [len(e.input_ids) for e in examples]
     bucketed = batching.epoch_batches(lengths, args.batch_size, seed=0, epoch=0)[: args.steps + 1]
     shuffled = list(range(len(examples)))

@@ -35,6 +35,7 @@ import numpy as np
 from training import dataset, lora, trainer
 from training.config import RunConfig
 from training.evaluation import Z95, Metric, score
+from training.row import Row
 from training.task import Task, load_task
 
 Say = Callable[[str], None]
@@ -137,9 +138,9 @@ def _refit_without_covariance(x, y, a0, b0, c0, upper) -> tuple:
 # --- nested subsets (pure) -------------------------------------------------------------------
 
 
-def nested_subsets(rows: list[dict], fractions: Sequence[float], seed: int) -> dict[float, list[dict]]:
+def nested_subsets(rows: list[Row], fractions: Sequence[float], seed: int) -> dict[float, list[Row]]:
     """Prefixes of one seeded ordering of ``rows`` (by id hash), one per fraction in percent."""
-    order = sorted(rows, key=lambda row: hashlib.sha256(f"{seed}:{row['id']}".encode()).hexdigest())
+    order = sorted(rows, key=lambda row: hashlib.sha256(f"{seed}:{row.id}".encode()).hexdigest())
     subsets = {}
     for fraction in fractions:
         if not 0 < fraction <= 100:
@@ -177,7 +178,7 @@ def plateau(sizes: Sequence[float], scores: Sequence[float], tolerance: float = 
 # --- scoring an adapter in process -----------------------------------------------------------
 
 
-def generate_locally(task: Task, rows: list[dict], base_dir: Path, adapter_dir: Path | None, batch_size: int = 16) -> list[str]:
+def generate_locally(task: Task, rows: list[Row], base_dir: Path, adapter_dir: Path | None, batch_size: int = 16) -> list[str]:
     """Greedy student-prompt completions from the base (+ adapter) with transformers, cut at the task's stops.
 
     Prompts go in left-padded batches of ``batch_size`` (sorted by length so padding stays small);
@@ -192,7 +193,7 @@ def generate_locally(task: Task, rows: list[dict], base_dir: Path, adapter_dir: 
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
-    prompts = [tokenizer(task.student_prompt(row["inputs"])).input_ids for row in rows]
+    prompts = [tokenizer(task.student_prompt(row.inputs)).input_ids for row in rows]
     order = sorted(range(len(rows)), key=lambda index: len(prompts[index]))
     outputs: list[str] = [""] * len(rows)
     with torch.no_grad():
@@ -218,12 +219,12 @@ def generate_locally(task: Task, rows: list[dict], base_dir: Path, adapter_dir: 
     return outputs
 
 
-def score_locally(task: Task, rows: list[dict], base_dir: Path, adapter_dir: Path | None) -> tuple[list[Metric], list[dict]]:
+def score_locally(task: Task, rows: list[Row], base_dir: Path, adapter_dir: Path | None) -> tuple[list[Metric], list[dict]]:
     """The task's metrics for an adapter on ``rows`` (scored in process), and per-row predictions."""
     outputs = generate_locally(task, rows, base_dir, adapter_dir)
-    references = [row.get("gold") or row["output"] for row in rows]
+    references = [row.gold or row.output for row in rows]
     predictions = [
-        {"id": row["id"], "inputs": row["inputs"], "reference": reference, "output": output, "parsed": task.parse(output or "").value}
+        {"id": row.id, "inputs": row.inputs, "reference": reference, "output": output, "parsed": task.parse(output or "").value}
         for row, reference, output in zip(rows, references, outputs)
     ]
     return score(task, references, outputs), predictions
@@ -232,7 +233,7 @@ def score_locally(task: Task, rows: list[dict], base_dir: Path, adapter_dir: Pat
 # --- the ablation run ------------------------------------------------------------------------
 
 
-def prepare_data(config: RunConfig, task: Task, say: Say) -> tuple[list[dict], list[dict]]:
+def prepare_data(config: RunConfig, task: Task, say: Say) -> tuple[list[Row], list[Row]]:
     """The run's curated (train, test) rows, building and curating them first when absent."""
     from training import recipe
 
@@ -242,7 +243,7 @@ def prepare_data(config: RunConfig, task: Task, say: Say) -> tuple[list[dict], l
         if config.teacher is not None:
             recipe.label_rows(config, task, config.teacher, say)
         recipe.curate(config, task, say)
-    return dataset.read_jsonl(data_dir / "train.jsonl"), dataset.read_jsonl(data_dir / "test.jsonl")
+    return dataset.read_rows(data_dir / "train.jsonl"), dataset.read_rows(data_dir / "test.jsonl")
 
 
 def ablate(config: RunConfig, fractions: Sequence[float], say: Say, eval_limit: int | None = None) -> dict:

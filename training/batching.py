@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from training.config import TrainSettings
+from training.row import Row
 from training.task import Task
 
 IGNORE = -100  # label of positions the loss skips (prompt and padding)
@@ -40,7 +41,7 @@ class Example:
     teacher_top: tuple[TeacherTop | None, ...] = ()
 
 
-def encode(rows: list[dict], task: Task, tokenizer, max_length: int, kd_top_k: int = 0) -> tuple[list[Example], int]:
+def encode(rows: list[Row], task: Task, tokenizer, max_length: int, kd_top_k: int = 0) -> tuple[list[Example], int]:
     """Tokenise each row's student prompt and completion (+ EOS); returns (examples, rows too long).
 
     With ``kd_top_k`` > 0 each example also gets the teacher's top-``kd_top_k`` tokens from the
@@ -51,8 +52,8 @@ def encode(rows: list[dict], task: Task, tokenizer, max_length: int, kd_top_k: i
     examples, too_long = [], 0
     vocab_size = len(tokenizer)
     for row in rows:
-        prompt = tokenizer(task.student_prompt(row["inputs"])).input_ids
-        answer = tokenizer(task.completion(row["output"]), add_special_tokens=False).input_ids
+        prompt = tokenizer(task.student_prompt(row.inputs)).input_ids
+        answer = tokenizer(task.completion(row.output), add_special_tokens=False).input_ids
         completion = answer + [tokenizer.eos_token_id]
         if len(prompt) + len(completion) > max_length:
             too_long += 1
@@ -64,12 +65,12 @@ def encode(rows: list[dict], task: Task, tokenizer, max_length: int, kd_top_k: i
     return examples, too_long
 
 
-def _teacher_targets(row: dict, answer: list[int], k: int, vocab_size: int) -> tuple[TeacherTop | None, ...]:
+def _teacher_targets(row: Row, answer: list[int], k: int, vocab_size: int) -> tuple[TeacherTop | None, ...]:
     """The teacher's top-``k`` at each of ``answer``'s positions that its generated ids match."""
-    tokens, tops = row.get("teacher_tokens"), row.get("teacher_top_logprobs")
+    tokens, tops = row.teacher_tokens, row.teacher_top_logprobs
     if tokens is None or tops is None:
         raise ValueError(
-            f"row {row.get('id')!r} has no teacher_top_logprobs, which train.kd_ratio > 0 needs: label the rows "
+            f"row {row.id!r} has no teacher_top_logprobs, which train.kd_ratio > 0 needs: label the rows "
             "with the teacher's top-k (`stillhouse label` with train.kd_ratio set, then `stillhouse data curate`), "
             "or set train.kd_ratio: 0"
         )
@@ -78,7 +79,7 @@ def _teacher_targets(row: dict, answer: list[int], k: int, vocab_size: int) -> t
     ]
     if out_of_range:
         raise ValueError(
-            f"row {row.get('id')!r}: the teacher's token ids (e.g. {out_of_range[0]}) are outside the student's "
+            f"row {row.id!r}: the teacher's token ids (e.g. {out_of_range[0]}) are outside the student's "
             f"vocabulary of {vocab_size}: logit distillation needs a teacher with the student's tokenizer; "
             "set train.kd_ratio: 0 to distil from its text alone"
         )

@@ -132,7 +132,7 @@ def sweep(base: RunConfig, vary: dict[str, list[Any]], say: Say, eval_limit: int
 
     train_rows, test_rows = prepare_data(base, task, say)
     test_rows = test_rows[:eval_limit]
-    all_rows = dataset.read_jsonl(base.run_dir / "data" / "rows.jsonl")
+    all_rows = dataset.read_rows(base.run_dir / "data" / "rows.jsonl")
     out_dir = base.run_dir / "sweep"
     out_dir.mkdir(parents=True, exist_ok=True)
     primary = task.primary_metric
@@ -142,7 +142,7 @@ def sweep(base: RunConfig, vary: dict[str, list[Any]], say: Say, eval_limit: int
         rows = train_rows
         if variant.field and variant.field.startswith("curation."):
             curated, _ = curation.curate(all_rows, task, config.curation, config.data)
-            rows = [row for row in curated if row["split"] == "train"]
+            rows = [row for row in curated if row.split == "train"]
         directory = out_dir / _slug(variant.label)
         say(f"sweep {variant.label}: training on {len(rows)} rows")
         result = trainer.train(rows, task, base_dir, config.lora, config.train, directory / "train", say=say)

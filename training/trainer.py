@@ -42,6 +42,7 @@ from training.batching import Example, collate, encode, indices_for_steps, micro
 from training.config import LoraSettings, TrainSettings
 from training.lora import lora_config, require_servable
 from training.losses import completion_loss
+from training.row import Row
 from training.task import Task
 
 Say = Callable[[str], None]
@@ -61,7 +62,7 @@ class TrainResult:
 
 
 def train(
-    rows: list[dict],
+    rows: list[Row],
     task: Task,
     base_dir: Path,
     lora: LoraSettings,

@@ -10,6 +10,7 @@ import pytest
 
 import stillhouse
 from training.ablation import fit_power_law, nested_subsets, parse_fractions
+from training.row import Row
 
 
 def test_fit_recovers_known_parameters_and_extrapolates_inside_its_interval():
@@ -53,7 +54,7 @@ def test_any_fit_returns_a_known_status():
 
 
 def test_subsets_are_nested_and_deterministic():
-    rows = [{"id": f"r{i}"} for i in range(40)]
+    rows = [Row(id=f"r{i}", inputs={}) for i in range(40)]
     subsets = nested_subsets(rows, [5, 10, 25, 50, 100], seed=3)
     sizes = [len(subset) for subset in subsets.values()]
     assert sizes == [2, 4, 10, 20, 40]
@@ -99,7 +100,7 @@ def test_batched_local_generation_matches_one_prompt_at_a_time(tiny_base_dir, tm
     task = load_task("demo")
     adapter = make_lora_adapter(tiny_base_dir, tmp_path / "adapter", scale=0.2)
     reviews = ["Great phone.", "The hotel lobby smelled of smoke and the bed was broken.", "It arrived.", "Fine food, slow service, long wait for the bill."]
-    rows = [{"id": str(i), "inputs": {"review": text}} for i, text in enumerate(reviews)]
+    rows = [Row(id=str(i), inputs={"review": text}) for i, text in enumerate(reviews)]
     one_by_one = generate_locally(task, rows, tiny_base_dir, adapter, batch_size=1)
     batched = generate_locally(task, rows, tiny_base_dir, adapter, batch_size=3)
     assert batched == one_by_one

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from training import batching, losses, trainer
 from training.config import LoraSettings, TrainSettings
+from training.row import Row
 from training.task import load_task
 from training.tasks.sentiment_data import generate
 
@@ -41,8 +43,8 @@ def kd_rows(tokenizer, n=12, aligned=None, seed=3):
         if aligned is not None:
             tokens[aligned:] = [(i + 7) % 1000 for i in tokens[aligned:]]
         top = [[[t, -0.2], [(t + 1) % 1000, -1.9], [(t + 2) % 1000, -3.0]] for t in tokens]
-        rows.append({"id": r["id"], "inputs": {"review": r["review"]}, "output": r["label"],
-                     "teacher_tokens": tokens, "teacher_top_logprobs": top, "teacher_logprob": -0.2 * len(tokens)})
+        rows.append(Row(id=r["id"], inputs={"review": r["review"]}, output=r["label"],
+                        teacher_tokens=tokens, teacher_top_logprobs=top, teacher_logprob=-0.2 * len(tokens)))
     return rows
 
 
@@ -126,14 +128,15 @@ def test_mixed_loss_matches_a_hand_computed_mix_and_is_ce_at_ratio_zero(model, t
 
 
 def test_rows_without_teacher_top_k_are_refused(tokenizer):
-    rows = [{k: v for k, v in row.items() if not k.startswith("teacher_")} for row in kd_rows(tokenizer, n=1)]
+    rows = [replace(row, teacher_tokens=None, teacher_top_logprobs=None, teacher_logprob=None) for row in kd_rows(tokenizer, n=1)]
     with pytest.raises(ValueError, match=r"no teacher_top_logprobs.*train\.kd_ratio: 0"):
         batching.encode(rows, TASK, tokenizer, 256, kd_top_k=3)
 
 
 def test_teacher_ids_outside_the_students_vocabulary_are_refused(tokenizer):
-    rows = kd_rows(tokenizer, n=1)
-    rows[0]["teacher_top_logprobs"][0].append([len(tokenizer) + 5, -9.0])
+    (row,) = kd_rows(tokenizer, n=1)
+    tops = row.teacher_top_logprobs
+    rows = [replace(row, teacher_top_logprobs=((*tops[0], (len(tokenizer) + 5, -9.0)), *tops[1:]))]
     with pytest.raises(ValueError, match="outside the student's vocabulary.*train.kd_ratio: 0"):
         batching.encode(rows, TASK, tokenizer, 256, kd_top_k=3)
 
@@ -181,8 +184,8 @@ def test_kd_training_learns_reports_alignment_and_resumes_exactly(tmp_path, tiny
     # other teacher targets (same text) or another ratio: the checkpoint is not resumed
     with pytest.raises(ValueError, match="other data or settings"):
         trainer.train(rows, TASK, tiny_base_dir, lora, settings.model_copy(update={"kd_ratio": 0.3}), tmp_path / "resumed", say=quiet)
-    changed = json.loads(json.dumps(rows))
-    changed[0]["teacher_top_logprobs"][0][0][1] = -0.1
+    tops = rows[0].teacher_top_logprobs
+    changed = [replace(rows[0], teacher_top_logprobs=(((tops[0][0][0], -0.1), *tops[0][1:]), *tops[1:])), *rows[1:]]
     with pytest.raises(ValueError, match="other data or settings"):
         trainer.train(changed, TASK, tiny_base_dir, lora, settings, tmp_path / "resumed", say=quiet)
 
@@ -193,11 +196,11 @@ def test_rows_labelled_by_a_real_server_train_with_kd(tmp_path, tiny_base_dir):
     from training.endpoint import Endpoint
     from training.labelling import label
 
-    rows = [{"id": r["id"], "inputs": {"review": r["review"]}, "output": None} for r in generate("train", 4, seed=1)]
+    rows = [Row(id=r["id"], inputs={"review": r["review"]}) for r in generate("train", 4, seed=1)]
     with running_server(tiny_base_dir, tmp_path / "registry") as (url, _):
         labelled, report = label(rows, TASK, Endpoint(EndpointConfig(url=url)), tmp_path / "cache.jsonl", top_k=4)
     assert report.failed == 0
-    labelled = [row for row in labelled if row["output"].strip()]
+    labelled = [row for row in labelled if row.output.strip()]
     messages = []
     settings = TrainSettings(max_steps=2, batch_size=2, lr=5e-3, kd_ratio=0.5, kd_top_k=4)
     trainer.train(labelled, TASK, tiny_base_dir, LoraSettings(targets=["q_proj"]), settings, tmp_path / "run", say=messages.append)
@@ -212,7 +215,7 @@ def test_label_rows_asks_the_teacher_for_top_k_only_with_kd(tmp_path, monkeypatc
 
     config = RunConfig(name="kd", runs_dir=str(tmp_path), train={"kd_ratio": kd_ratio, "kd_top_k": 7})
     (config.run_dir / "data").mkdir(parents=True)
-    dataset.write_jsonl(config.run_dir / "data" / "rows.jsonl", [{"id": "a", "inputs": {"review": "x"}, "output": None}])
+    dataset.write_rows(config.run_dir / "data" / "rows.jsonl", [Row(id="a", inputs={"review": "x"})])
     calls = []
 
     def fake_label(rows, task, teacher, cache, *, relabel, top_k):

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from training import batching, lora, losses, trainer
 from training.config import LoraSettings, TrainSettings
+from training.row import Row
 from training.task import load_task
 from training.tasks.sentiment_data import generate
 
@@ -19,7 +20,7 @@ TASK = load_task("demo")
 
 @pytest.fixture(scope="module")
 def rows():
-    return [{"id": r["id"], "inputs": {"review": r["review"]}, "output": r["label"]} for r in generate("train", 16, seed=5)]
+    return [Row(id=r["id"], inputs={"review": r["review"]}, output=r["label"]) for r in generate("train", 16, seed=5)]
 
 
 @pytest.fixture(scope="module")

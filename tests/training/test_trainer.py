@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from training import batching, trainer
 from training.config import LoraSettings, TrainSettings
+from training.row import Row
 from training.lora import NotServableConfigError
 from training.task import load_task
 from training.tasks.sentiment_data import generate
@@ -20,7 +21,7 @@ TASK = load_task("demo")
 
 @pytest.fixture(scope="module")
 def rows():
-    return [{"id": r["id"], "inputs": {"review": r["review"]}, "output": r["label"]} for r in generate("train", 24, seed=3)]
+    return [Row(id=r["id"], inputs={"review": r["review"]}, output=r["label"]) for r in generate("train", 24, seed=3)]
 
 
 def test_a_non_servable_lora_config_is_refused_before_any_training(tmp_path, tiny_base_dir, rows, monkeypatch):
@@ -48,7 +49,7 @@ def test_labels_cover_only_completion_tokens_and_batches_group_lengths(tiny_base
         labelled = batch["labels"][index][batch["labels"][index] != batching.IGNORE].tolist()
         assert labelled == example.input_ids[example.prompt_length :]
         assert labelled[-1] == tokenizer.eos_token_id
-        assert tokenizer.decode(labelled[:-1]) == TASK.completion(rows[index]["output"])
+        assert tokenizer.decode(labelled[:-1]) == TASK.completion(rows[index].output)
     lengths = [5, 50, 6, 51, 7, 52, 8, 53]
     batches = batching.epoch_batches(lengths, batch_size=2, seed=0, epoch=0)
     assert sorted(i for b in batches for i in b) == list(range(8))
