@@ -8,7 +8,8 @@ whole sweep with every reason, so a sweep is servable by construction.
 
 Variants of curation fields (``max_label_ratio``, ``dedup_threshold``, ...) re-curate the run's
 ``rows.jsonl`` in memory and train on the resulting training split; all variants are scored on
-the base configuration's test split, so scores are comparable.
+the base configuration's test split, through one scratch server (:mod:`training.scratch_server`),
+so scores are comparable and computed as `stillhouse eval` computes them.
 
 Writes ``runs/<name>/sweep/``: ``sweep.json``, ``sweep.md`` (sorted by the task's primary
 metric, best first), and each variant's ``<variant>/train`` and ``<variant>/eval.json``.
@@ -19,14 +20,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
-from training import curation, dataset, lora, trainer
-from training.ablation import prepare_data, score_locally
+from training import curation, dataset, lora
+from training.ablation import prepare_data, train_and_score
 from training.config import ConfigError, RunConfig
+from training.scratch_server import scratch_server
 from training.task import describe_errors, load_task
 
 Say = Callable[[str], None]
@@ -137,24 +139,22 @@ def sweep(base: RunConfig, vary: dict[str, list[Any]], say: Say, eval_limit: int
     out_dir.mkdir(parents=True, exist_ok=True)
     primary = task.primary_metric
     results = []
-    for variant in configs:
-        config = variant.config
-        rows = train_rows
-        if variant.field and variant.field.startswith("curation."):
-            curated, _ = curation.curate(all_rows, task, config.curation, config.data)
-            rows = [row for row in curated if row.split == "train"]
-        directory = out_dir / _slug(variant.label)
-        say(f"sweep {variant.label}: training on {len(rows)} rows")
-        result = trainer.train(rows, task, base_dir, config.lora, config.train, directory / "train", say=say)
-        metrics, predictions = score_locally(task, test_rows, base_dir, result.adapter_dir)
-        (directory / "eval.json").write_text(json.dumps({"metrics": [asdict(m) for m in metrics], "predictions": predictions}, indent=2) + "\n")
-        metric = next(m for m in metrics if m.name == primary)
-        results.append({
-            "variant": variant.label, "changed": variant.field, "value": variant.value, "train_rows": len(rows),
-            "steps": result.steps, "final_loss": result.final_loss, primary: metric.value, "ci95": [metric.low, metric.high],
-            "test_rows": metric.n, "metrics": {m.name: m.value for m in metrics},
-        })
-        say(f"sweep {variant.label}: {primary} {metric.value:.3f} (loss {result.final_loss:.4f})")
+    with scratch_server(base_dir, base.lora.profile) as server:
+        for variant in configs:
+            config = variant.config
+            rows = train_rows
+            if variant.field and variant.field.startswith("curation."):
+                curated, _ = curation.curate(all_rows, task, config.curation, config.data)
+                rows = [row for row in curated if row.split == "train"]
+            say(f"sweep {variant.label}: training on {len(rows)} rows")
+            result, scored = train_and_score(server, task, rows, test_rows, base_dir, config, out_dir / _slug(variant.label), say)
+            metric = scored.metric(primary)
+            results.append({
+                "variant": variant.label, "changed": variant.field, "value": variant.value, "train_rows": len(rows),
+                "steps": result.steps, "final_loss": result.final_loss, primary: metric.value, "ci95": [metric.low, metric.high],
+                "test_rows": metric.n, "metrics": {m.name: m.value for m in scored.metrics},
+            })
+            say(f"sweep {variant.label}: {primary} {metric.value:.3f} (loss {result.final_loss:.4f})")
     # best primary metric first; ties broken by lower final training loss
     results.sort(key=lambda r: (-r[primary], r["final_loss"]))
     report = {"task": task.name, "base": base.base, "metric": primary, "vary": vary, "results": results, "base_config": base.model_dump(mode="json")}
