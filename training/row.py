@@ -88,6 +88,8 @@ class Row:
         missing = [key for key in ("id", "inputs") if key not in record]
         if missing:
             raise RowError(f"no {missing[0]!r} key; every row has id and inputs: rebuild the file with `stillhouse data build`")
+        if not isinstance(record["inputs"], Mapping):
+            raise RowError(f"'inputs' is {type(record['inputs']).__name__}, not an object of the task's input fields: rebuild the file with `stillhouse data build`")
         return cls(**record)
 
 
