@@ -8,7 +8,7 @@ Same base, LoRA config, rows, batch size and steps; CPU, float32; one untimed wa
   (on by default in TRL's ``SFTConfig``) is turned off, as in ours: recomputation is not what this
   compares. What remains of TRL's per-step work (its entropy / token-accuracy metrics) is kept.
 - Plain padded loop: random batches of the same rows padded to the longest, ``model(**batch).loss.backward()``.
-- Ours: length-bucketed batches and logits only at completion positions (``trainer.completion_loss``);
+- Ours: length-bucketed batches and logits only at completion positions (``losses.completion_loss``);
   and ours packed: the random batches, each packed into rows of up to 256 tokens (``--packing on``).
 
 Throughput is real (non-pad) tokens processed per wall-clock second for every column, and per CPU
@@ -34,8 +34,9 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from serving import base_models
-from training import trainer
+from training import batching, lora, losses
 from training.config import LoraSettings
+from training.row import Row
 from training.task import load_task
 from training.tasks.sentiment_data import generate
 
@@ -77,7 +78,7 @@ def measure(model, batches, step) -> Rates:
 
 
 def ours(model, batch) -> None:
-    loss_sum, count = trainer.completion_loss(model, batch)
+    loss_sum, count = losses.completion_loss(model, batch)
     (loss_sum / count).backward()
 
 
@@ -169,22 +170,22 @@ def main() -> int:
     task = load_task("demo")
     base_dir = base_models.provision(args.base)
     tokenizer = base_models.load_tokenizer(base_dir)
-    rows = [{"inputs": {"review": r["review"]}, "output": r["label"]} for r in generate("train", args.batch_size * (args.steps + 1) * 4)]
-    examples, _ = trainer.encode(rows, task, tokenizer, max_length=MAX_LENGTH)
-    records = [{"prompt": task.student_prompt(row["inputs"]), "completion": task.completion(row["output"])} for row in rows]
+    rows = [Row(id=r["id"], inputs={"review": r["review"]}, output=r["label"]) for r in generate("train", args.batch_size * (args.steps + 1) * 4)]
+    examples, _ = batching.encode(rows, task, tokenizer, max_length=MAX_LENGTH)
+    records = [{"prompt": task.student_prompt(row.inputs), "completion": task.completion(row.output)} for row in rows]
     lengths = [len(e.input_ids) for e in examples]
-    bucketed = trainer.epoch_batches(lengths, args.batch_size, seed=0, epoch=0)[: args.steps + 1]
+    bucketed = batching.epoch_batches(lengths, args.batch_size, seed=0, epoch=0)[: args.steps + 1]
     shuffled = list(range(len(examples)))
     random.Random(0).shuffle(shuffled)
     random_batches = [shuffled[i : i + args.batch_size] for i in range(0, len(shuffled), args.batch_size)][: args.steps + 1]
 
     def batches(order, pack_width=None):
-        return [trainer.collate([examples[i] for i in indices], tokenizer.pad_token_id, pack_width) for indices in order]
+        return [batching.collate([examples[i] for i in indices], tokenizer.pad_token_id, pack_width) for indices in order]
 
     base_name = base_models.base_identity(base_dir).name
 
     def lora():  # a fresh LoraConfig per model: peft fills some of its fields in
-        return trainer.lora_config(LoraSettings(), base_name)
+        return lora.lora_config(LoraSettings(), base_name)
 
     # --- run: a fresh LoRA model for each loop
     results = {"TRL SFTTrainer (padded, full logits)": trl_sft(base_dir, base_name, lora(), tokenizer, records, args.steps, args.batch_size)}

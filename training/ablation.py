@@ -2,7 +2,9 @@
 
 ``stillhouse ablate --fractions 5,10,25,50,75,100`` trains one adapter per fraction on a prefix of
 one seeded ordering of the curated training split (so every smaller subset is contained in every
-larger one), scores each on the same held-out rows, and fits a saturating power law
+larger one), scores each on the same held-out rows through a scratch server (the embedded server
+behind `stillhouse serve`, scored as `stillhouse eval` scores; see :mod:`training.scratch_server`),
+and fits a saturating power law
 
     score(n) = a − b · n^(−c)        (a in [0, 1], b ≥ 0, c in (0, 3])
 
@@ -16,8 +18,9 @@ Degenerate inputs never raise: :func:`fit_power_law` returns a :class:`PowerLawF
 ``status`` is one of ``ok``, ``too_few_points``, ``flat``, ``fit_failed`` or ``no_covariance``.
 
 Writes ``runs/<name>/ablation/``: ``ablation.json``, ``ablation.md``, ``ablation.svg`` (plot),
-and each fraction's ``<pct>/train`` (adapter, loss curve) and ``<pct>/eval.json`` (predictions).
-Ablation adapters are not registered.
+and each fraction's ``<pct>/train`` (adapter, loss curve) and ``<pct>/eval.json`` (the evaluation
+report, as `stillhouse eval` writes it). Ablation adapters are not registered (the scratch
+server's registry is thrown away).
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from training import dataset, trainer
+from training import dataset, lora, trainer
 from training.config import RunConfig
-from training.evaluation import Z95, Metric, score
+from training.evaluation import Z95, EvalReport
+from training.row import Row
+from training.scratch_server import ScratchServer, scratch_server
 from training.task import Task, load_task
 
 Say = Callable[[str], None]
@@ -137,9 +142,9 @@ def _refit_without_covariance(x, y, a0, b0, c0, upper) -> tuple:
 # --- nested subsets (pure) -------------------------------------------------------------------
 
 
-def nested_subsets(rows: list[dict], fractions: Sequence[float], seed: int) -> dict[float, list[dict]]:
+def nested_subsets(rows: list[Row], fractions: Sequence[float], seed: int) -> dict[float, list[Row]]:
     """Prefixes of one seeded ordering of ``rows`` (by id hash), one per fraction in percent."""
-    order = sorted(rows, key=lambda row: hashlib.sha256(f"{seed}:{row['id']}".encode()).hexdigest())
+    order = sorted(rows, key=lambda row: hashlib.sha256(f"{seed}:{row.id}".encode()).hexdigest())
     subsets = {}
     for fraction in fractions:
         if not 0 < fraction <= 100:
@@ -174,65 +179,24 @@ def plateau(sizes: Sequence[float], scores: Sequence[float], tolerance: float = 
     return {"from_rows": ordered[-tail][0], "score": final, "points": tail}
 
 
-# --- scoring an adapter in process -----------------------------------------------------------
+# --- training and scoring one configuration ------------------------------------------------
 
 
-def generate_locally(task: Task, rows: list[dict], base_dir: Path, adapter_dir: Path | None, batch_size: int = 16) -> list[str]:
-    """Greedy student-prompt completions from the base (+ adapter) with transformers, cut at the task's stops.
-
-    Prompts go in left-padded batches of ``batch_size`` (sorted by length so padding stays small);
-    outputs come back in the order of ``rows``.
-    """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = trainer._tokenizer(str(base_dir))
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    model.eval()
-    prompts = [tokenizer(task.student_prompt(row["inputs"])).input_ids for row in rows]
-    order = sorted(range(len(rows)), key=lambda index: len(prompts[index]))
-    outputs: list[str] = [""] * len(rows)
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            members = order[start : start + batch_size]
-            width = max(len(prompts[index]) for index in members)
-            ids = torch.full((len(members), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(members), width), dtype=torch.long)
-            for slot, index in enumerate(members):
-                length = len(prompts[index])
-                ids[slot, width - length :] = torch.tensor(prompts[index])
-                mask[slot, width - length :] = 1
-            generated = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=task.generation.max_new_tokens,
-                do_sample=False, pad_token_id=tokenizer.pad_token_id,
-            )
-            for slot, index in enumerate(members):
-                text = tokenizer.decode(generated[slot, width:], skip_special_tokens=True)
-                for stop in task.generation.stop:
-                    if stop:
-                        text = text.split(stop)[0]
-                outputs[index] = text
-    return outputs
-
-
-def score_locally(task: Task, rows: list[dict], base_dir: Path, adapter_dir: Path | None) -> tuple[list[Metric], list[dict]]:
-    """The task's metrics for an adapter on ``rows`` (scored in process), and per-row predictions."""
-    outputs = generate_locally(task, rows, base_dir, adapter_dir)
-    references = [row.get("gold") or row["output"] for row in rows]
-    predictions = [
-        {"id": row["id"], "inputs": row["inputs"], "reference": reference, "output": output, "parsed": task.parse(output or "").value}
-        for row, reference, output in zip(rows, references, outputs)
-    ]
-    return score(task, references, outputs), predictions
+def train_and_score(
+    server: ScratchServer, task: Task, rows: list[Row], test_rows: list[Row], base_dir: Path, config: RunConfig, directory: Path, say: Say
+) -> tuple[trainer.TrainResult, EvalReport]:
+    """Train ``config`` on ``rows`` into ``directory/train`` and score the adapter on ``test_rows``
+    through the scratch server, as `stillhouse eval` would; writes ``directory/eval.json``."""
+    result = trainer.train(rows, task, base_dir, config.lora, config.train, directory / "train", say=say)
+    report = server.score(task, test_rows, result.adapter_dir)
+    (directory / "eval.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return result, report
 
 
 # --- the ablation run ------------------------------------------------------------------------
 
 
-def prepare_data(config: RunConfig, task: Task, say: Say) -> tuple[list[dict], list[dict]]:
+def prepare_data(config: RunConfig, task: Task, say: Say) -> tuple[list[Row], list[Row]]:
     """The run's curated (train, test) rows, building and curating them first when absent."""
     from training import recipe
 
@@ -242,7 +206,7 @@ def prepare_data(config: RunConfig, task: Task, say: Say) -> tuple[list[dict], l
         if config.teacher is not None:
             recipe.label_rows(config, task, config.teacher, say)
         recipe.curate(config, task, say)
-    return dataset.read_jsonl(data_dir / "train.jsonl"), dataset.read_jsonl(data_dir / "test.jsonl")
+    return dataset.read_rows(data_dir / "train.jsonl"), dataset.read_rows(data_dir / "test.jsonl")
 
 
 def ablate(config: RunConfig, fractions: Sequence[float], say: Say, eval_limit: int | None = None) -> dict:
@@ -251,9 +215,7 @@ def ablate(config: RunConfig, fractions: Sequence[float], say: Say, eval_limit: 
 
     task = load_task(config.task)
     base_dir = base_models.provision(config.base)
-    violations = trainer.check_servable(config.lora, base_dir)
-    if violations:
-        raise trainer.NotServableConfigError(config.lora.profile, violations)
+    lora.require_servable(config.lora, base_dir)
     train_rows, test_rows = prepare_data(config, task, say)
     test_rows = test_rows[:eval_limit]
     out_dir = config.run_dir / "ablation"
@@ -262,20 +224,19 @@ def ablate(config: RunConfig, fractions: Sequence[float], say: Say, eval_limit: 
 
     primary = task.primary_metric
     points = []
-    for fraction, subset in nested_subsets(train_rows, fractions, config.train.seed).items():
-        label = f"{fraction:g}"
-        say(f"ablation {label}%: training on {len(subset)} of {len(train_rows)} rows")
-        started = time.perf_counter()
-        result = trainer.train(subset, task, base_dir, config.lora, config.train, out_dir / label / "train", say=say)
-        metrics, predictions = score_locally(task, test_rows, base_dir, result.adapter_dir)
-        (out_dir / label / "eval.json").write_text(json.dumps({"metrics": [asdict(m) for m in metrics], "predictions": predictions}, indent=2) + "\n")
-        metric = next(m for m in metrics if m.name == primary)
-        points.append({
-            "fraction": fraction, "rows": len(subset), "steps": result.steps, "final_loss": result.final_loss,
-            primary: metric.value, "ci95": [metric.low, metric.high], "test_rows": metric.n,
-            "seconds": round(time.perf_counter() - started, 2),
-        })
-        say(f"ablation {label}%: {primary} {metric.value:.3f} [{metric.low:.3f}, {metric.high:.3f}]")
+    with scratch_server(base_dir, config.lora.profile) as server:
+        for fraction, subset in nested_subsets(train_rows, fractions, config.train.seed).items():
+            label = f"{fraction:g}"
+            say(f"ablation {label}%: training on {len(subset)} of {len(train_rows)} rows")
+            started = time.perf_counter()
+            result, scored = train_and_score(server, task, subset, test_rows, base_dir, config, out_dir / label, say)
+            metric = scored.metric(primary)
+            points.append({
+                "fraction": fraction, "rows": len(subset), "steps": result.steps, "final_loss": result.final_loss,
+                primary: metric.value, "ci95": [metric.low, metric.high], "test_rows": metric.n,
+                "seconds": round(time.perf_counter() - started, 2),
+            })
+            say(f"ablation {label}%: {primary} {metric.value:.3f} [{metric.low:.3f}, {metric.high:.3f}]")
 
     fit = fit_power_law([p["rows"] for p in points], [p[primary] for p in points])
     full = max(p["rows"] for p in points)

@@ -154,7 +154,7 @@ def _run(function) -> int:
     from training.config import ConfigError
     from training.dataset import DatasetError
     from training.task import TaskError
-    from training.trainer import NotServableConfigError
+    from training.lora import NotServableConfigError
 
     try:
         function()

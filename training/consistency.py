@@ -17,15 +17,15 @@ than by the server. A row whose request fails for good gets ``teacher_samples_er
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from training import answer_cache
 from training import judge as judge_prompts
 from training.config import SelfConsistencyConfig
 from training.endpoint import Endpoint
+from training.row import Row
 from training.task import Generation, Task
-
 
 
 @dataclass(frozen=True)
@@ -39,60 +39,58 @@ class StageReport:
 
 
 def sample_teacher(
-    rows: list[dict], task: Task, teacher: Endpoint, settings: SelfConsistencyConfig, cache_path: Path, only: set[str]
-) -> tuple[list[dict], StageReport]:
+    rows: list[Row], task: Task, teacher: Endpoint, settings: SelfConsistencyConfig, cache_path: Path, only: set[str]
+) -> tuple[list[Row], StageReport]:
     """Rows whose id is in ``only`` get ``teacher_samples``: ``settings.samples`` answers of the
     teacher's prompt at ``settings.temperature``; the other rows are returned unchanged."""
     generation = task.generation.model_copy(update={"temperature": settings.temperature})
-    todo = [row for row in rows if row["id"] in only]
+    todo = [row for row in rows if row.id in only]
     jobs = []
     for row in todo:
-        prompt = task.teacher_prompt(row["inputs"])
+        prompt = task.teacher_prompt(row.inputs)
         jobs += [(_key(teacher, prompt, generation, index), prompt) for index in range(settings.samples)]
     answers, cached = _ask_all(teacher, jobs, generation, cache_path)
 
-    by_row = {row["id"]: answers[position * settings.samples : (position + 1) * settings.samples] for position, row in enumerate(todo)}
+    by_row = {row.id: answers[position * settings.samples : (position + 1) * settings.samples] for position, row in enumerate(todo)}
     sampled, failed = [], 0
     for row in rows:
-        if row["id"] not in by_row:
+        if row.id not in by_row:
             sampled.append(row)
             continue
-        row = {key: value for key, value in row.items() if key not in ("teacher_samples", "teacher_samples_error")}
-        errors = [answer["error"] for answer in by_row[row["id"]] if "error" in answer]
+        errors = [answer["error"] for answer in by_row[row.id] if "error" in answer]
         if errors:
             failed += 1
-            sampled.append({**row, "teacher_samples_error": errors[0]})
+            sampled.append(replace(row, teacher_samples=None, teacher_samples_error=errors[0]))
         else:
-            sampled.append({**row, "teacher_samples": [answer["text"].strip() for answer in by_row[row["id"]]]})
+            samples = [answer["text"].strip() for answer in by_row[row.id]]
+            sampled.append(replace(row, teacher_samples=samples, teacher_samples_error=None))
     return sampled, StageReport(len(todo), cached, len(jobs) - cached, failed)
 
 
-def judge(rows: list[dict], task: Task, judge_endpoint: Endpoint, template: str, cache_path: Path, outputs: dict[str, str]) -> tuple[list[dict], StageReport]:
+def judge(rows: list[Row], task: Task, judge_endpoint: Endpoint, template: str, cache_path: Path, outputs: dict[str, str]) -> tuple[list[Row], StageReport]:
     """Rows whose id is in ``outputs`` get ``judge_score`` for that output (the number the judge
     answers to ``template`` rendered with the row's ``{input}`` and the ``{output}``) and
     ``judge_output``; the other rows are returned unchanged."""
-    todo = [row for row in rows if row["id"] in outputs]
+    todo = [row for row in rows if row.id in outputs]
     jobs = []
     for row in todo:
-        prompt = judge_prompts.render_prompt(template, task.input_text(row["inputs"]), outputs[row["id"]])
+        prompt = judge_prompts.render_prompt(template, task.input_text(row.inputs), outputs[row.id])
         jobs.append((_key(judge_endpoint, prompt, judge_prompts.GENERATION, 0), prompt))
     answers, cached = _ask_all(judge_endpoint, jobs, judge_prompts.GENERATION, cache_path)
 
-    by_row = {row["id"]: answer for row, answer in zip(todo, answers)}
+    by_row = {row.id: answer for row, answer in zip(todo, answers)}
     judged, failed = [], 0
     for row in rows:
-        answer = by_row.get(row["id"])
+        answer = by_row.get(row.id)
         if answer is None:
             judged.append(row)
             continue
-        row = {key: value for key, value in row.items() if key not in ("judge_score", "judge_output", "judge_error")}
         score = judge_prompts.parse_score(answer.get("text", ""))
+        error = None
         if "error" in answer or score is None:
             failed += 1
             error = answer.get("error") or f"no number in the judge's answer {answer['text']!r}"
-            judged.append({**row, "judge_score": None, "judge_output": outputs[row["id"]], "judge_error": error})
-        else:
-            judged.append({**row, "judge_score": score, "judge_output": outputs[row["id"]]})
+        judged.append(replace(row, judge_score=score if error is None else None, judge_output=outputs[row.id], judge_error=error))
     return judged, StageReport(len(todo), cached, len(jobs) - cached, failed)
 
 

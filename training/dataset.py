@@ -1,11 +1,10 @@
-"""Datasets: rows of task inputs with the teacher's output and, when known, a gold label.
+"""Datasets: :class:`~training.row.Row` s of task inputs with the teacher's output and, when known, a gold label.
 
-A row is a dict ``{id, inputs: {field: text}, output, gold, split}``; ``output`` is what the
-student learns (the teacher's answer), ``gold`` what evaluation scores against, ``split`` is
-``train`` / ``test`` when the source fixes it (the demo generator's held-out vocabulary) and
-None otherwise. Rows come from the task's generator, JSONL or CSV files, a local HF ``datasets``
-directory (``save_to_disk``), or the request log.
-Splits are a pure function of each row's input text, so adding rows never moves old ones.
+Rows come from the task's generator, JSONL or CSV files, a local HF ``datasets`` directory
+(``save_to_disk``), or the request log; a source fixes a row's ``split`` when it has one (the
+demo generator's held-out vocabulary, a DatasetDict's splits). Other splits are a pure function
+of each row's input text, so adding rows never moves old ones. A run's row files are read and
+written with :func:`read_rows` / :func:`write_rows`.
 """
 
 from __future__ import annotations
@@ -17,9 +16,11 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from training.config import DataConfig
+from training.row import Row, RowError
 from training.task import Task
 
 SPLITS = ("train", "test")
@@ -29,7 +30,7 @@ class DatasetError(ValueError):
     """A data source cannot be read as rows of the task; the message says what to fix."""
 
 
-def load_rows(task: Task, data: DataConfig) -> list[dict]:
+def load_rows(task: Task, data: DataConfig) -> list[Row]:
     """Every row of ``data.source`` for ``task``, in a stable order."""
     source = data.source
     if source == "generator":
@@ -42,7 +43,7 @@ def load_rows(task: Task, data: DataConfig) -> list[dict]:
     if not path.is_file():
         raise DatasetError(f"data.source {source!r}: no such file; pass a .jsonl or .csv file, a saved HF datasets directory, or 'generator'")
     if path.suffix == ".jsonl":
-        records = _read_jsonl(path)
+        records = _read_records(path)
     elif path.suffix == ".csv":
         with path.open(newline="") as handle:
             records = list(csv.DictReader(handle))
@@ -51,46 +52,58 @@ def load_rows(task: Task, data: DataConfig) -> list[dict]:
     return [_row_from_record(task, data, record, f"{path.name}:{index}") for index, record in enumerate(records)]
 
 
-def assign_splits(rows: list[dict], task: Task, test_fraction: float, seed: int) -> list[dict]:
+def assign_splits(rows: list[Row], task: Task, test_fraction: float, seed: int) -> list[Row]:
     """Give every row without a split one, by a hash of its input text (stable under additions)."""
     assigned = []
     for row in rows:
-        if row.get("split") is None:
-            digest = hashlib.sha256(f"{seed}\x00{task.input_text(row['inputs'])}".encode()).digest()
+        if row.split is None:
+            digest = hashlib.sha256(f"{seed}\x00{task.input_text(row.inputs)}".encode()).digest()
             fraction = int.from_bytes(digest[:8], "big") / 2**64
-            row = {**row, "split": "test" if fraction < test_fraction else "train"}
+            row = replace(row, split="test" if fraction < test_fraction else "train")
         assigned.append(row)
     return assigned
 
 
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    """Write rows atomically (a crash leaves the old file, never half a new one)."""
+def write_rows(path: Path, rows: Iterable[Row]) -> None:
+    """Write a row file atomically (a crash leaves the old file, never half a new one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(handle, "w") as out:
         for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.write(json.dumps(row.to_json(), ensure_ascii=False) + "\n")
     os.replace(temporary, path)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows written by :func:`write_jsonl`."""
-    return _read_jsonl(Path(path))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[Row]:
+    """The rows of a file written by :func:`write_rows`; a line that is not a row is an error naming it."""
+    path = Path(path)
     rows = []
+    for number, record in _numbered_records(path):
+        try:
+            rows.append(Row.from_json(record))
+        except RowError as error:
+            raise DatasetError(f"{path}:{number}: {error}") from None
+    return rows
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The JSON objects of a source JSONL file, one per non-empty line."""
+    return [record for _, record in _numbered_records(path)]
+
+
+def _numbered_records(path: Path) -> list[tuple[int, dict]]:
+    records = []
     with path.open() as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    records.append((number, json.loads(line)))
                 except json.JSONDecodeError as error:
                     raise DatasetError(f"{path}:{number}: not a JSON object ({error.msg}); fix or remove the line") from None
-    return rows
+    return records
 
 
-def _row_from_record(task: Task, data: DataConfig, record: dict, fallback_id: str) -> dict:
+def _row_from_record(task: Task, data: DataConfig, record: dict, fallback_id: str) -> Row:
     """A flat record (one column per input field) as a row; missing inputs stay empty for curation to drop."""
     inputs = {field: "" if record.get(field) is None else str(record.get(field)) for field in task.input_fields}
     gold = record.get(data.gold_field) or None
@@ -98,10 +111,10 @@ def _row_from_record(task: Task, data: DataConfig, record: dict, fallback_id: st
     if output is None and gold is not None and data.use_gold_as_output:
         output = gold
     split = record.get("split") if record.get("split") in SPLITS else None
-    return {"id": str(record.get("id") or fallback_id), "inputs": inputs, "output": output, "gold": gold, "split": split}
+    return Row(id=str(record.get("id") or fallback_id), inputs=inputs, output=output, gold=gold, split=split)
 
 
-def _saved_dataset_rows(task: Task, data: DataConfig, path: Path) -> list[dict]:
+def _saved_dataset_rows(task: Task, data: DataConfig, path: Path) -> list[Row]:
     """Rows of a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``.
 
     A DatasetDict's ``train`` and ``test`` splits fix each row's split; rows of other splits (and of
@@ -132,12 +145,12 @@ def _saved_dataset_rows(task: Task, data: DataConfig, path: Path) -> list[dict]:
         for index, record in enumerate(part):
             row = _row_from_record(task, data, record, f"{prefix}:{index}")
             if split_name in SPLITS:
-                row["split"] = split_name
+                row = replace(row, split=split_name)
             rows.append(row)
     return rows
 
 
-def _logged_rows(task: Task, data: DataConfig, path: Path) -> list[dict]:
+def _logged_rows(task: Task, data: DataConfig, path: Path) -> list[Row]:
     """Successful exchanges from the request log whose prompt is this task's teacher or student prompt.
 
     The logged output is the teacher's answer; a prompt that matches neither template keeps empty
@@ -166,17 +179,16 @@ def _logged_rows(task: Task, data: DataConfig, path: Path) -> list[dict]:
         if exchange.status != 200 or exchange.output is None:
             continue
         inputs = task.inputs_from_prompt(exchange.prompt) or {field: "" for field in task.input_fields}
-        rows.append({"id": exchange.request_id, "inputs": inputs, "output": exchange.output.strip(), "gold": None, "split": None})
+        rows.append(Row(id=exchange.request_id, inputs=inputs, output=exchange.output.strip()))
     return rows
 
 
-def _generated_rows(task: Task, data: DataConfig) -> list[dict]:
+def _generated_rows(task: Task, data: DataConfig) -> list[Row]:
     if not task.generator:
         raise DatasetError(f"task {task.name!r} has no generator; set data.source to a .jsonl or .csv file")
     generator = importlib.import_module(task.generator)
     rows = []
     for split, size, generator_split in (("train", data.train_size, "train"), ("test", data.test_size, "heldout")):
         for record in generator.generate(generator_split, size, seed=data.seed):
-            row = _row_from_record(task, data, record, record["id"])
-            rows.append({**row, "split": split})
+            rows.append(replace(_row_from_record(task, data, record, record["id"]), split=split))
     return rows

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from training import judge as judging
 from training.endpoint import Endpoint, EndpointError, bounded_map
+from training.row import Row
 from training.task import Task
 
 Z95 = 1.959963984540054
@@ -154,7 +155,7 @@ def score(task: Task, references: Sequence[str], outputs: Sequence[str | None]) 
 # --- against an endpoint -------------------------------------------------------------------
 
 
-def judge_scores(task: Task, rows: list[dict], references: Sequence[str], outputs: Sequence[str | None], judge: Endpoint) -> list[float | None]:
+def judge_scores(task: Task, rows: list[Row], references: Sequence[str], outputs: Sequence[str | None], judge: Endpoint) -> list[float | None]:
     """The judge's score of each output under the task's ``judge`` criterion; None where the request
     failed, the answer has no number, or the number is off the criterion's scale."""
     criterion = task.judge
@@ -162,11 +163,11 @@ def judge_scores(task: Task, rows: list[dict], references: Sequence[str], output
         raise ValueError(f"task {task.name!r} has no judge criterion; add judge: {{prompt: ..., scale: [1, 5]}} to the task file, or leave out the judge endpoint")
     low, high = criterion.scale
 
-    def ask(item: tuple[dict, str, str | None]) -> float | None:
+    def ask(item: tuple[Row, str, str | None]) -> float | None:
         row, reference, output = item
         if output is None:
             return None
-        prompt = judging.render_prompt(criterion.prompt, task.input_text(row["inputs"]), output.strip(), reference or "")
+        prompt = judging.render_prompt(criterion.prompt, task.input_text(row.inputs), output.strip(), reference or "")
         try:
             value = judging.parse_score(judge.complete(prompt, judging.GENERATION).text)
         except EndpointError:
@@ -177,25 +178,25 @@ def judge_scores(task: Task, rows: list[dict], references: Sequence[str], output
 
 
 def evaluate(
-    task: Task, rows: list[dict], endpoint: Endpoint, prompt: Literal["student", "teacher"] = "student", judge: Endpoint | None = None
+    task: Task, rows: list[Row], endpoint: Endpoint, prompt: Literal["student", "teacher"] = "student", judge: Endpoint | None = None
 ) -> EvalReport:
     """Ask ``endpoint`` for every row (``prompt`` picks the template) and score against each row's gold
     (or, when a row has none, the teacher's output); with ``judge``, also the task's judge criterion."""
     render = task.student_prompt if prompt == "student" else task.teacher_prompt
 
-    def ask(row: dict):
+    def ask(row: Row):
         try:
-            return endpoint.complete(render(row["inputs"]), task.generation)
+            return endpoint.complete(render(row.inputs), task.generation)
         except EndpointError:
             return None
 
     completions = list(bounded_map(ask, rows, endpoint.config.concurrency))
-    references = [row.get("gold") or row["output"] for row in rows]
+    references = [row.gold or row.output for row in rows]
     outputs = [completion.text if completion else None for completion in completions]
     answered = [completion for completion in completions if completion]
     latencies = sorted(completion.latency_s for completion in answered)
     predictions = [
-        {"id": row["id"], "inputs": row["inputs"], "reference": reference, "output": output, "parsed": task.parse(output or "").value}
+        {"id": row.id, "inputs": row.inputs, "reference": reference, "output": output, "parsed": task.parse(output or "").value}
         for row, reference, output in zip(rows, references, outputs)
     ]
     metrics = score(task, references, outputs)

@@ -15,11 +15,12 @@ always; OpenAI ids only with top-k). Asked for ``top_k`` > 0 (logit distillation
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from training import answer_cache
 from training.endpoint import Endpoint
+from training.row import Row
 from training.task import Task
 
 
@@ -39,19 +40,19 @@ TEACHER_FIELDS = ("teacher", "teacher_logprob", "teacher_tokens", "teacher_top_l
 
 
 def label(
-    rows: list[dict], task: Task, teacher: Endpoint, cache_path: Path, *, relabel: bool = False, top_k: int = 0
-) -> tuple[list[dict], LabellingReport]:
+    rows: list[Row], task: Task, teacher: Endpoint, cache_path: Path, *, relabel: bool = False, top_k: int = 0
+) -> tuple[list[Row], LabellingReport]:
     """Rows with ``output`` set to the teacher's answer (rows that have one are kept unless ``relabel``).
 
     With ``top_k`` > 0, rows without the teacher's top-k (``teacher_top_logprobs``) are asked too.
     """
     todo = [
         row for row in rows
-        if relabel or row.get("output") is None or (top_k and row.get("teacher_top_logprobs") is None)
+        if relabel or row.output is None or (top_k and row.teacher_top_logprobs is None)
     ]
 
-    def ask(row: dict) -> dict:
-        completion = teacher.complete(task.teacher_prompt(row["inputs"]), task.generation, top_k=top_k)
+    def ask(row: Row) -> dict:
+        completion = teacher.complete(task.teacher_prompt(row.inputs), task.generation, top_k=top_k)
         entry = {"text": completion.text, "prompt_tokens": completion.prompt_tokens}
         if completion.logprob is not None:
             entry["logprob"] = completion.logprob
@@ -63,35 +64,35 @@ def label(
 
     jobs = [(_key(teacher, task, row, top_k), functools.partial(ask, row)) for row in todo]
     entries, cached = answer_cache.ask_all(jobs, cache_path, teacher.config.concurrency)
-    answers = {row["id"]: entry for row, entry in zip(todo, entries)}
+    answers = {row.id: entry for row, entry in zip(todo, entries)}
 
     labelled, failed, prompt_tokens = [], 0, []
     for row in rows:
-        answer = answers.get(row["id"])
+        answer = answers.get(row.id)
         if answer is None:
             labelled.append(row)
             continue
-        fresh = {name: value for name, value in row.items() if name not in TEACHER_FIELDS}
+        fresh = replace(row, **dict.fromkeys(TEACHER_FIELDS))
         if "error" in answer:
             failed += 1
-            labelled.append({**fresh, "output": None, "label_error": answer["error"]})
+            labelled.append(replace(fresh, output=None, label_error=answer["error"]))
             continue
         prompt_tokens.append(answer["prompt_tokens"])
-        fresh.update(output=answer["text"].strip(), teacher=teacher.identity)
-        if "logprob" in answer:
-            fresh["teacher_logprob"] = answer["logprob"]
-        if "tokens" in answer:
-            fresh["teacher_tokens"] = answer["tokens"]
-        if top_k:
-            fresh["teacher_top_logprobs"] = answer["top_logprobs"]
-        labelled.append(fresh)
+        labelled.append(replace(
+            fresh,
+            output=answer["text"].strip(),
+            teacher=teacher.identity,
+            teacher_logprob=answer.get("logprob"),
+            teacher_tokens=answer.get("tokens"),
+            teacher_top_logprobs=answer["top_logprobs"] if top_k else None,
+        ))
     mean_tokens = sum(prompt_tokens) / len(prompt_tokens) if prompt_tokens else 0.0
     return labelled, LabellingReport(len(rows), cached, len(todo) - cached, failed, mean_tokens)
 
 
-def _key(teacher: Endpoint, task: Task, row: dict, top_k: int) -> str:
+def _key(teacher: Endpoint, task: Task, row: Row, top_k: int) -> str:
     """The cache key; ``top_k`` joins it only when asked for, so plain answers keep their keys."""
-    parts = [teacher.identity, task.teacher_prompt(row["inputs"]), task.generation.model_dump()]
+    parts = [teacher.identity, task.teacher_prompt(row.inputs), task.generation.model_dump()]
     if top_k:
         parts.append({"top_k": top_k})
     return answer_cache.cache_key(*parts)

@@ -22,23 +22,24 @@ from pathlib import Path
 
 from serving import base_models
 from serving.registry import AdapterEntry, Registry, default_registry_dir
-from training import consistency, curation, dataset, distributed, trainer
+from training import consistency, curation, dataset, distributed, lora, trainer
 from training.config import ConfigError, EndpointConfig, RunConfig
 from training.endpoint import Endpoint
 from training.evaluation import EvalReport, evaluate, report_markdown
 from training.labelling import LabellingReport, label
+from training.row import Row
 from training.task import Task, load_task
 
 Say = Callable[[str], None]
 
 
-def build(config: RunConfig, task: Task, say: Say) -> list[dict]:
+def build(config: RunConfig, task: Task, say: Say) -> list[Row]:
     """Read the source into ``data/rows.jsonl``."""
     rows = dataset.load_rows(task, config.data)
     data_dir = _data_dir(config)
-    dataset.write_jsonl(data_dir / "rows.jsonl", rows)
+    dataset.write_rows(data_dir / "rows.jsonl", rows)
     _write_config(config)
-    unlabelled = sum(1 for row in rows if row["output"] is None)
+    unlabelled = sum(1 for row in rows if row.output is None)
     say(f"built {len(rows)} rows from {config.data.source} ({unlabelled} without an output) into {data_dir / 'rows.jsonl'}")
     return rows
 
@@ -50,11 +51,11 @@ def label_rows(config: RunConfig, task: Task, teacher: EndpointConfig, say: Say,
     per generated position are asked for as well.
     """
     path = _data_dir(config) / "rows.jsonl"
-    rows = dataset.read_jsonl(path)
+    rows = dataset.read_rows(path)
     top_k = config.train.kd_top_k if config.train.kd_ratio > 0 else 0
     cache = _data_dir(config) / "teacher_cache.jsonl"
     labelled, report = label(rows, task, Endpoint(teacher), cache, relabel=relabel, top_k=top_k)
-    dataset.write_jsonl(path, labelled)
+    dataset.write_rows(path, labelled)
     say(f"labelled {report.rows} rows: {report.cached} from the cache, {report.requested} asked, "
         f"{report.failed} failed, {report.mean_prompt_tokens:.1f} prompt tokens per request")
     return report
@@ -74,12 +75,12 @@ def sample_teacher(config: RunConfig, task: Task, teacher: EndpointConfig, say: 
     """Record ``curation.self_consistency.samples`` teacher answers on every row that reaches that step."""
     settings = config.curation.self_consistency
     path = _data_dir(config) / "rows.jsonl"
-    rows = dataset.read_jsonl(path)
+    rows = dataset.read_rows(path)
     candidates = curation.training_rows_before("self_consistency", rows, task, config.curation, config.data)
     sampled, report = consistency.sample_teacher(
-        rows, task, Endpoint(teacher), settings, _data_dir(config) / "samples_cache.jsonl", {row["id"] for row in candidates}
+        rows, task, Endpoint(teacher), settings, _data_dir(config) / "samples_cache.jsonl", {row.id for row in candidates}
     )
-    dataset.write_jsonl(path, sampled)
+    dataset.write_rows(path, sampled)
     say(f"sampled the teacher {settings.samples}x at temperature {settings.temperature} on {report.rows} training rows: "
         f"{report.cached} answers from the cache, {report.requested} asked, {report.failed} rows failed")
     return report
@@ -89,13 +90,13 @@ def judge_rows(config: RunConfig, task: Task, say: Say) -> consistency.StageRepo
     """Record the judge's score of every row's output as it reaches the ranking step."""
     ranking = config.curation.ranking
     path = _data_dir(config) / "rows.jsonl"
-    rows = dataset.read_jsonl(path)
+    rows = dataset.read_rows(path)
     candidates = curation.training_rows_before("ranking", rows, task, config.curation, config.data)
     judged, report = consistency.judge(
         rows, task, Endpoint(ranking.judge), ranking.judge_prompt, _data_dir(config) / "judge_cache.jsonl",
-        {row["id"]: row["output"] for row in candidates},
+        {row.id: row.output for row in candidates},
     )
-    dataset.write_jsonl(path, judged)
+    dataset.write_rows(path, judged)
     say(f"judged {report.rows} training rows: {report.cached} from the cache, {report.requested} asked, {report.failed} without a score")
     return report
 
@@ -106,10 +107,10 @@ def curate(config: RunConfig, task: Task, say: Say) -> dict:
     Self-consistency and judge ranking read what :func:`prepare_curation` recorded in the rows.
     """
     data_dir = _data_dir(config)
-    rows = dataset.read_jsonl(data_dir / "rows.jsonl")
+    rows = dataset.read_rows(data_dir / "rows.jsonl")
     curated, reports = curation.curate(rows, task, config.curation, config.data)
     for split in dataset.SPLITS:
-        dataset.write_jsonl(data_dir / f"{split}.jsonl", [row for row in curated if row["split"] == split])
+        dataset.write_rows(data_dir / f"{split}.jsonl", [row for row in curated if row.split == split])
     card = curation.dataset_card(task, config.data.source, curated, reports, _teacher_name(config, rows))
     curation.write_card(data_dir, card)
     for report in reports:
@@ -128,9 +129,7 @@ def train(config: RunConfig, say: Say, on_step: Callable[[int], None] | None = N
     task = load_task(config.task)
     base_dir = base_models.provision(config.base)
     # Refuse a non-servable shape before building or labelling any data for it.
-    violations = trainer.check_servable(config.lora, base_dir)
-    if violations:
-        raise trainer.NotServableConfigError(config.lora.profile, violations)
+    lora.require_servable(config.lora, base_dir)
     data_dir = _data_dir(config)
     if distributed.is_main():
         if not (data_dir / "card.json").is_file():
@@ -141,7 +140,7 @@ def train(config: RunConfig, say: Say, on_step: Callable[[int], None] | None = N
             curate(config, task, say)
         _write_config(config)
     distributed.barrier()
-    rows = dataset.read_jsonl(data_dir / "train.jsonl")
+    rows = dataset.read_rows(data_dir / "train.jsonl")
     card = json.loads((data_dir / "card.json").read_text())
 
     # --- run
@@ -174,7 +173,7 @@ def evaluate_run(
     with ``judge``, each also on the task's judge criterion."""
     if judge is not None and task.judge is None:
         raise ConfigError(f"task {task.name!r} has no judge criterion; add judge: {{prompt: ..., scale: [1, 5]}} to the task file, or leave out --judge-url")
-    rows = dataset.read_jsonl(_data_dir(config) / "test.jsonl")[:limit]
+    rows = dataset.read_rows(_data_dir(config) / "test.jsonl")[:limit]
     judge_endpoint = Endpoint(judge) if judge is not None else None
     reports = [evaluate(task, rows, Endpoint(student), "student", judge_endpoint)]
     if teacher is not None:
@@ -201,11 +200,11 @@ def _record_metrics(config: RunConfig, report: EvalReport) -> None:
     Registry(Path(run["registry"])).update_metadata(run["adapter_id"], metrics=metrics)
 
 
-def _teacher_name(config: RunConfig, rows: list[dict]) -> str:
-    teachers = sorted({row["teacher"] for row in rows if row.get("teacher")})
+def _teacher_name(config: RunConfig, rows: list[Row]) -> str:
+    teachers = sorted({row.teacher for row in rows if row.teacher})
     if teachers:
         return ", ".join(teachers)
-    return "gold labels" if config.data.use_gold_as_output and any(row.get("gold") for row in rows) else "source outputs"
+    return "gold labels" if config.data.use_gold_as_output and any(row.gold for row in rows) else "source outputs"
 
 
 def _data_dir(config: RunConfig) -> Path:

@@ -19,7 +19,6 @@ assets) with:
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 from collections import Counter
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from training import curation, dataset
 from training.config import RunConfig
+from training.row import Row
 from training.task import Task, load_task
 
 Say = Callable[[str], None]
@@ -78,22 +78,21 @@ def disagreements(student: list[dict], teacher: list[dict]) -> list[dict]:
     return out
 
 
-def curation_trace(rows: list[dict], task: Task, config: RunConfig) -> tuple[dict[str, dict], str]:
+def curation_trace(rows: list[Row], task: Task, config: RunConfig) -> tuple[dict[str, dict], str]:
     """Replay the run's curation: per row id, the steps survived and where/why it was dropped; plus the curated sha256."""
     steps = curation.enabled_steps(task, config.curation, config.data)
-    trace = {row["id"]: {"survived": [], "dropped_at": None, "reason": None, "split": None} for row in rows}
+    trace = {row.id: {"survived": [], "dropped_at": None, "reason": None, "split": None} for row in rows}
     current = rows
     for name, run_step in steps:
         step = run_step(current)
         for row, reason in step.dropped:
-            trace[row["id"]].update(dropped_at=name, reason=reason)
+            trace[row.id].update(dropped_at=name, reason=reason)
         for row in step.kept:
-            trace[row["id"]]["survived"].append(name)
+            trace[row.id]["survived"].append(name)
         current = step.kept
     for row in current:
-        trace[row["id"]]["split"] = row["split"]
-    digest = hashlib.sha256("".join(json.dumps(row, sort_keys=True) for row in current).encode()).hexdigest()
-    return trace, digest
+        trace[row.id]["split"] = row.split
+    return trace, curation.rows_digest(current)
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -120,7 +119,7 @@ def review(run_dir: Path, say: Say, worst: int = 20, eval_path: Path | None = No
     trace, digest, card_sha = {}, None, None
     data_dir = run_dir / "data"
     if (data_dir / "rows.jsonl").is_file():
-        trace, digest = curation_trace(dataset.read_jsonl(data_dir / "rows.jsonl"), task, config)
+        trace, digest = curation_trace(dataset.read_rows(data_dir / "rows.jsonl"), task, config)
         if (data_dir / "card.json").is_file():
             card_sha = json.loads((data_dir / "card.json").read_text())["sha256"]
     correct = sum(1 for p in student if _correct(task, p))

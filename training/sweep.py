@@ -2,13 +2,14 @@
 
 ``stillhouse sweep --vary rank=8,16 --vary lr=1e-4,5e-4`` makes the base configuration plus one
 variant per listed value that differs from the base, each changing exactly one field. Every
-configuration is validated and checked servable (``serving.servability.check_lora_config``, via
-:func:`training.trainer.check_servable`) *before anything trains*: one refused value refuses the
+configuration is validated and checked servable (:func:`training.lora.require_servable`, the guard
+``train`` and ``ablate`` use) *before anything trains*: one refused value refuses the
 whole sweep with every reason, so a sweep is servable by construction.
 
 Variants of curation fields (``max_label_ratio``, ``dedup_threshold``, ...) re-curate the run's
 ``rows.jsonl`` in memory and train on the resulting training split; all variants are scored on
-the base configuration's test split, so scores are comparable.
+the base configuration's test split, through one scratch server (:mod:`training.scratch_server`),
+so scores are comparable and computed as `stillhouse eval` computes them.
 
 Writes ``runs/<name>/sweep/``: ``sweep.json``, ``sweep.md`` (sorted by the task's primary
 metric, best first), and each variant's ``<variant>/train`` and ``<variant>/eval.json``.
@@ -19,14 +20,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
-from training import curation, dataset, trainer
-from training.ablation import prepare_data, score_locally
+from training import curation, dataset, lora
+from training.ablation import prepare_data, train_and_score
 from training.config import ConfigError, RunConfig
+from training.scratch_server import scratch_server
 from training.task import describe_errors, load_task
 
 Say = Callable[[str], None]
@@ -112,8 +114,10 @@ def check_all_servable(configs: list[Variant], base_dir) -> None:
     """Raise :class:`SweepRefusedError` with every reason when any configuration is not servable."""
     problems = []
     for variant in configs:
-        for violation in trainer.check_servable(variant.config.lora, base_dir):
-            problems.append(f"{variant.label} ({variant.config.lora.profile} profile): {violation}")
+        try:
+            lora.require_servable(variant.config.lora, base_dir)
+        except lora.NotServableConfigError as refused:
+            problems += [f"{variant.label} ({refused.profile} profile): {violation}" for violation in refused.violations]
     if problems:
         raise SweepRefusedError("refusing the sweep, not servable (nothing trained):\n  " + "\n  ".join(problems))
 
@@ -130,29 +134,27 @@ def sweep(base: RunConfig, vary: dict[str, list[Any]], say: Say, eval_limit: int
 
     train_rows, test_rows = prepare_data(base, task, say)
     test_rows = test_rows[:eval_limit]
-    all_rows = dataset.read_jsonl(base.run_dir / "data" / "rows.jsonl")
+    all_rows = dataset.read_rows(base.run_dir / "data" / "rows.jsonl")
     out_dir = base.run_dir / "sweep"
     out_dir.mkdir(parents=True, exist_ok=True)
     primary = task.primary_metric
     results = []
-    for variant in configs:
-        config = variant.config
-        rows = train_rows
-        if variant.field and variant.field.startswith("curation."):
-            curated, _ = curation.curate(all_rows, task, config.curation, config.data)
-            rows = [row for row in curated if row["split"] == "train"]
-        directory = out_dir / _slug(variant.label)
-        say(f"sweep {variant.label}: training on {len(rows)} rows")
-        result = trainer.train(rows, task, base_dir, config.lora, config.train, directory / "train", say=say)
-        metrics, predictions = score_locally(task, test_rows, base_dir, result.adapter_dir)
-        (directory / "eval.json").write_text(json.dumps({"metrics": [asdict(m) for m in metrics], "predictions": predictions}, indent=2) + "\n")
-        metric = next(m for m in metrics if m.name == primary)
-        results.append({
-            "variant": variant.label, "changed": variant.field, "value": variant.value, "train_rows": len(rows),
-            "steps": result.steps, "final_loss": result.final_loss, primary: metric.value, "ci95": [metric.low, metric.high],
-            "test_rows": metric.n, "metrics": {m.name: m.value for m in metrics},
-        })
-        say(f"sweep {variant.label}: {primary} {metric.value:.3f} (loss {result.final_loss:.4f})")
+    with scratch_server(base_dir, base.lora.profile) as server:
+        for variant in configs:
+            config = variant.config
+            rows = train_rows
+            if variant.field and variant.field.startswith("curation."):
+                curated, _ = curation.curate(all_rows, task, config.curation, config.data)
+                rows = [row for row in curated if row.split == "train"]
+            say(f"sweep {variant.label}: training on {len(rows)} rows")
+            result, scored = train_and_score(server, task, rows, test_rows, base_dir, config, out_dir / _slug(variant.label), say)
+            metric = scored.metric(primary)
+            results.append({
+                "variant": variant.label, "changed": variant.field, "value": variant.value, "train_rows": len(rows),
+                "steps": result.steps, "final_loss": result.final_loss, primary: metric.value, "ci95": [metric.low, metric.high],
+                "test_rows": metric.n, "metrics": {m.name: m.value for m in scored.metrics},
+            })
+            say(f"sweep {variant.label}: {primary} {metric.value:.3f} (loss {result.final_loss:.4f})")
     # best primary metric first; ties broken by lower final training loss
     results.sort(key=lambda r: (-r[primary], r["final_loss"]))
     report = {"task": task.name, "base": base.base, "metric": primary, "vary": vary, "results": results, "base_config": base.model_dump(mode="json")}

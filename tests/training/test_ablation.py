@@ -10,6 +10,7 @@ import pytest
 
 import stillhouse
 from training.ablation import fit_power_law, nested_subsets, parse_fractions
+from training.row import Row
 
 
 def test_fit_recovers_known_parameters_and_extrapolates_inside_its_interval():
@@ -53,7 +54,7 @@ def test_any_fit_returns_a_known_status():
 
 
 def test_subsets_are_nested_and_deterministic():
-    rows = [{"id": f"r{i}"} for i in range(40)]
+    rows = [Row(id=f"r{i}", inputs={}) for i in range(40)]
     subsets = nested_subsets(rows, [5, 10, 25, 50, 100], seed=3)
     sizes = [len(subset) for subset in subsets.values()]
     assert sizes == [2, 4, 10, 20, 40]
@@ -91,19 +92,44 @@ def test_ablate_refuses_a_non_servable_config_before_building_data(tmp_path, tin
     assert not (tmp_path / "runs" / "bad" / "data").exists()
 
 
-def test_batched_local_generation_matches_one_prompt_at_a_time(tiny_base_dir, tmp_path):
+def test_adapters_are_scored_through_the_served_path_with_peft_greedy_outputs(tiny_base_dir, tmp_path):
+    """The scratch server that scores ablation and sweep adapters answers what peft's greedy
+    generate does, one prompt at a time, and the scores are those of those outputs."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     from tests.lora_factory import make_lora_adapter
-    from training.ablation import generate_locally
+    from training import trainer
+    from training.evaluation import score
+    from training.scratch_server import scratch_server
     from training.task import load_task
 
-    task = load_task("demo")
+    demo = load_task("demo")
+    task = demo.model_copy(update={"generation": demo.generation.model_copy(update={"max_new_tokens": 8})})
     adapter = make_lora_adapter(tiny_base_dir, tmp_path / "adapter", scale=0.2)
     reviews = ["Great phone.", "The hotel lobby smelled of smoke and the bed was broken.", "It arrived.", "Fine food, slow service, long wait for the bill."]
-    rows = [{"id": str(i), "inputs": {"review": text}} for i, text in enumerate(reviews)]
-    one_by_one = generate_locally(task, rows, tiny_base_dir, adapter, batch_size=1)
-    batched = generate_locally(task, rows, tiny_base_dir, adapter, batch_size=3)
-    assert batched == one_by_one
+    rows = [Row(id=str(i), inputs={"review": text}, gold="positive") for i, text in enumerate(reviews)]
+
+    def cut(text: str) -> str:
+        for stop in task.generation.stop:
+            text = text.split(stop)[0]
+        return text
+
+    tokenizer = trainer._tokenizer(str(tiny_base_dir))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32), adapter).eval()
+    one_by_one = []
+    for row in rows:
+        ids = tokenizer(task.student_prompt(row.inputs), return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=task.generation.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        one_by_one.append(cut(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)))
+
+    with scratch_server(tiny_base_dir) as server:
+        report = server.score(task, rows, adapter)
+    assert [cut(prediction["output"]) for prediction in report.predictions] == one_by_one
     assert all(one_by_one)  # every prompt got text, so the comparison means something
+    assert report.failed_requests == 0 and report.metrics == score(task, [row.gold for row in rows], one_by_one)
 
 
 def test_plateau_is_the_flat_tail_only():

@@ -8,6 +8,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 from fastapi import FastAPI, Request
@@ -18,6 +19,7 @@ from training import consistency, curation, dataset, recipe
 from training.config import ConfigError, CurationConfig, DataConfig, EndpointConfig, RankingConfig, RunConfig, SelfConsistencyConfig, load_config
 from training.dataset import DatasetError
 from training.endpoint import Endpoint
+from training.row import Row
 from training.task import Task, load_task
 
 TASK = load_task("demo")
@@ -54,8 +56,7 @@ def stub_server(answer: Callable[[str, dict], str]):
 
 
 def row(row_id, review, output, samples=None, split="train", **extra):
-    base = {"id": row_id, "inputs": {"review": review}, "output": output, "gold": None, "split": split, **extra}
-    return base if samples is None else {**base, "teacher_samples": samples}
+    return Row(id=row_id, inputs={"review": review}, output=output, split=split, teacher_samples=samples, **extra)
 
 
 def settings(**overrides):
@@ -73,8 +74,8 @@ def test_majority_rows_are_kept_and_inconsistent_ones_dropped():
         row("no-samples", "Hm", "neutral"),
     ]
     step = curation.self_consistency(rows, TASK, settings())
-    assert [kept["id"] for kept in step.kept] == ["agree"]
-    assert {dropped["id"]: reason for dropped, reason in step.dropped} == {
+    assert [kept.id for kept in step.kept] == ["agree"]
+    assert {dropped.id: reason for dropped, reason in step.dropped} == {
         "split-vote": "inconsistent_teacher",
         "garbage": "inconsistent_teacher",
         "no-samples": "no_teacher_samples",
@@ -88,21 +89,21 @@ def test_a_confident_majority_against_the_output_relabels_or_drops():
         row("keep", "Bad", "negative", ["negative"] * 5),
     ]
     relabelled = curation.self_consistency(rows, TASK, settings(relabel=True))
-    assert [(kept["id"], kept["output"]) for kept in relabelled.kept] == [("flip", "positive"), ("keep", "negative")]
-    assert "teacher_logprob" not in relabelled.kept[0]  # it scored the old output
-    assert relabelled.kept[0]["teacher_tokens"] == [7]  # training aligns these with the output itself
+    assert [(kept.id, kept.output) for kept in relabelled.kept] == [("flip", "positive"), ("keep", "negative")]
+    assert "teacher_logprob" not in relabelled.kept[0].to_json()  # it scored the old output
+    assert relabelled.kept[0].teacher_tokens == (7,)  # training aligns these with the output itself
     assert relabelled.params["relabelled"] == [{"id": "flip", "from": "neutral", "to": "positive"}]
 
     strict = curation.self_consistency(rows, TASK, settings(relabel=False))
-    assert [kept["id"] for kept in strict.kept] == ["keep"]
-    assert [(dropped["id"], reason) for dropped, reason in strict.dropped] == [("flip", "disagrees_with_vote")]
+    assert [kept.id for kept in strict.kept] == ["keep"]
+    assert [(dropped.id, reason) for dropped, reason in strict.dropped] == [("flip", "disagrees_with_vote")]
     assert "relabelled" not in strict.params
 
 
 def test_a_tie_keeps_the_rows_own_output():
     rows = [row("tie", "So so", "neutral", ["neutral", "neutral", "positive", "positive"])]
     step = curation.self_consistency(rows, TASK, settings(samples=4, min_agreement=0.5, relabel=True))
-    assert [(kept["id"], kept["output"]) for kept in step.kept] == [("tie", "neutral")]
+    assert [(kept.id, kept.output) for kept in step.kept] == [("tie", "neutral")]
     assert step.params["relabelled"] == []
 
 
@@ -119,13 +120,13 @@ def test_test_rows_are_never_dropped():
 
 def test_free_text_tasks_vote_by_exact_stripped_text():
     rows = [
-        {"id": "a", "inputs": {"text": "x"}, "output": "AB-1", "split": "train", "teacher_samples": [" AB-1", "AB-1 ", "AB-2", "AB-1", "ab-1"]},
-        {"id": "b", "inputs": {"text": "y"}, "output": "CD-1", "split": "train", "teacher_samples": ["CD-2", "CD-2", "CD-2", "CD-1", "nope"]},
-        {"id": "c", "inputs": {"text": "z"}, "output": "EF-1", "split": "train", "teacher_samples": ["EF-1", "EF-2", "EF-3", "EF-4", "EF-5"]},
+        Row(id="a", inputs={"text": "x"}, output="AB-1", split="train", teacher_samples=[" AB-1", "AB-1 ", "AB-2", "AB-1", "ab-1"]),
+        Row(id="b", inputs={"text": "y"}, output="CD-1", split="train", teacher_samples=["CD-2", "CD-2", "CD-2", "CD-1", "nope"]),
+        Row(id="c", inputs={"text": "z"}, output="EF-1", split="train", teacher_samples=["EF-1", "EF-2", "EF-3", "EF-4", "EF-5"]),
     ]
     step = curation.self_consistency(rows, CODES, settings(relabel=True))
-    assert [(kept["id"], kept["output"]) for kept in step.kept] == [("a", "AB-1"), ("b", "CD-2")]
-    assert [(dropped["id"], reason) for dropped, reason in step.dropped] == [("c", "inconsistent_teacher")]
+    assert [(kept.id, kept.output) for kept in step.kept] == [("a", "AB-1"), ("b", "CD-2")]
+    assert [(dropped.id, reason) for dropped, reason in step.dropped] == [("c", "inconsistent_teacher")]
 
 
 def test_configured_but_never_sampled_is_an_error_naming_the_fix():
@@ -139,7 +140,7 @@ def test_curate_runs_consistency_after_the_split_and_before_ranking_and_balance(
     curated, reports = curation.curate(rows, TASK, config, DataConfig(test_fraction=0.2))
     assert [report["step"] for report in reports] == ["rule_filter", "near_dedup", "split", "self_consistency", "ranking", "balance"]
     assert reports[3]["rows_in"] == reports[3]["rows_out"] == 20
-    train = [r for r in curated if r["split"] == "train"]
+    train = [r for r in curated if r.split == "train"]
     assert len(train) == reports[4]["params"]["scored_rows"] // 2
 
 
@@ -183,30 +184,30 @@ def test_sampling_a_server_is_cached_and_resumes(tmp_path):
         assert (report.rows, report.requested, report.cached, report.failed) == (4, 12, 0, 0)
         assert len(seen) == 12
         assert all(body["parameters"]["do_sample"] and body["parameters"]["temperature"] == 0.9 for body in seen)
-        assert {body["inputs"] for body in seen} == {TASK.teacher_prompt(r["inputs"]) for r in rows if r["id"] in only}
-        assert sampled[0]["teacher_samples"] == ["positive"] * 3
-        assert sorted(sampled[3]["teacher_samples"]) == ["negative", "neutral", "positive"]
-        assert "teacher_samples" not in sampled[4]
+        assert {body["inputs"] for body in seen} == {TASK.teacher_prompt(r.inputs) for r in rows if r.id in only}
+        assert sampled[0].teacher_samples == ("positive",) * 3
+        assert sorted(sampled[3].teacher_samples) == ["negative", "neutral", "positive"]
+        assert "teacher_samples" not in sampled[4].to_json()
 
         # A torn last line (killed mid-write) is ignored: only what is missing is asked again.
         lines = cache.read_text().splitlines()
         cache.write_text("\n".join(lines[:10]) + "\n" + lines[10][:7])
         again, report = consistency.sample_teacher(rows, TASK, teacher, settings(samples=3, temperature=0.9), cache, only)
         assert (report.requested, report.cached) == (2, 10) and len(seen) == 14
-        assert again[0]["teacher_samples"] == sampled[0]["teacher_samples"]
+        assert again[0].teacher_samples == sampled[0].teacher_samples
 
         _, report = consistency.sample_teacher(rows, TASK, teacher, settings(samples=3, temperature=0.9), cache, only)
         assert (report.requested, report.cached) == (0, 12) and len(seen) == 14  # zero requests
 
-        step = curation.self_consistency([{**r, "split": "train"} for r in sampled if r["id"] in only], TASK, settings(samples=3))
-        assert [kept["id"] for kept in step.kept] == ["desk0", "desk1", "desk2"]
-        assert [(dropped["id"], reason) for dropped, reason in step.dropped] == [("chair", "inconsistent_teacher")]
+        step = curation.self_consistency([replace(r, split="train") for r in sampled if r.id in only], TASK, settings(samples=3))
+        assert [kept.id for kept in step.kept] == ["desk0", "desk1", "desk2"]
+        assert [(dropped.id, reason) for dropped, reason in step.dropped] == [("chair", "inconsistent_teacher")]
 
 
 def test_failed_samples_leave_the_row_without_samples(tmp_path):
     teacher = Endpoint(EndpointConfig(url=f"http://127.0.0.1:{free_port()}", retries=0, timeout_s=2))
     sampled, report = consistency.sample_teacher([row("a", "A desk", "positive")], TASK, teacher, settings(samples=2), tmp_path / "c.jsonl", {"a"})
-    assert report.failed == 1 and "teacher_samples" not in sampled[0] and "teacher_samples_error" in sampled[0]
+    assert report.failed == 1 and "teacher_samples" not in sampled[0].to_json() and "teacher_samples_error" in sampled[0].to_json()
 
 
 def test_the_recipe_samples_judges_and_curates_a_run(tmp_path):
@@ -235,18 +236,18 @@ def test_the_recipe_samples_judges_and_curates_a_run(tmp_path):
         recipe.prepare_curation(config, TASK, said.append)
         card = recipe.curate(config, TASK, said.append)
         asked = len(seen)
-        rows = dataset.read_jsonl(tmp_path / "runs" / "sc" / "data" / "rows.jsonl")
-        sampled = [r for r in rows if "teacher_samples" in r]
-        judged = [r for r in rows if "judge_score" in r]
+        rows = dataset.read_rows(tmp_path / "runs" / "sc" / "data" / "rows.jsonl")
+        sampled = [r for r in rows if "teacher_samples" in r.to_json()]
+        judged = [r for r in rows if "judge_score" in r.to_json()]
         assert asked == 3 * len(sampled) + len(judged)
-        assert {r["id"] for r in judged} < {r["id"] for r in sampled} and not any("chair" in r["inputs"]["review"] for r in judged)
+        assert {r.id for r in judged} < {r.id for r in sampled} and not any("chair" in r.inputs["review"] for r in judged)
 
         recipe.prepare_curation(config, TASK, said.append)  # everything is cached now
         assert len(seen) == asked
 
     steps = {step["step"]: step for step in card["steps"]}
     consistent = steps["self_consistency"]
-    chairs = sum(1 for r in sampled if "chair" in r["inputs"]["review"])
+    chairs = sum(1 for r in sampled if "chair" in r.inputs["review"])
     assert consistent["dropped"] == {"inconsistent_teacher": chairs} and chairs > 0
     assert card["splits"]["train"]["rows"] == (consistent["rows_out"] - card["splits"]["test"]["rows"]) // 2
     assert steps["ranking"]["params"]["threshold"] is not None

@@ -9,13 +9,14 @@ from datetime import datetime, timezone
 from serving.request_log import Exchange, Feedback, SQLiteStore
 from training import curation, dataset
 from training.config import CurationConfig, DataConfig, LogFilter
+from training.row import Row
 from training.task import load_task
 
 TASK = load_task("demo")
 
 
 def row(row_id, review, output, split=None, gold=None):
-    return {"id": row_id, "inputs": {"review": review}, "output": output, "gold": gold, "split": split}
+    return Row(id=row_id, inputs={"review": review}, output=output, gold=gold, split=split)
 
 
 def test_rule_filter_drops_malformed_rows_with_their_reason():
@@ -27,9 +28,9 @@ def test_rule_filter_drops_malformed_rows_with_their_reason():
         row("long", "x" * 50, "neutral"),
     ]
     step = curation.rule_filter(rows, TASK, CurationConfig(max_chars=40))
-    assert [kept["id"] for kept in step.kept] == ["ok"]
-    assert step.kept[0]["output"] == "positive"  # canonical label spelling
-    reasons = {dropped["id"]: reason for dropped, reason in step.dropped}
+    assert [kept.id for kept in step.kept] == ["ok"]
+    assert step.kept[0].output == "positive"  # canonical label spelling
+    reasons = {dropped.id: reason for dropped, reason in step.dropped}
     assert reasons == {"no-input": "missing_input", "not-a-label": "output_not_a_label", "no-output": "missing_output", "long": "too_long"}
     report = step.report(len(rows))
     assert report["rows_in"] == 5 and report["rows_out"] == 1
@@ -38,7 +39,7 @@ def test_rule_filter_drops_malformed_rows_with_their_reason():
 
 def test_input_regex_filter():
     step = curation.rule_filter([row("a", "The soup was great.", "positive"), row("b", "ok", "neutral")], TASK, CurationConfig(input_regex=r"\w+ \w+"))
-    assert [dropped["id"] for dropped, reason in step.dropped if reason == "input_regex_mismatch"] == ["b"]
+    assert [dropped.id for dropped, reason in step.dropped if reason == "input_regex_mismatch"] == ["b"]
 
 
 def test_near_duplicates_across_the_split_lose_their_training_copy():
@@ -49,8 +50,8 @@ def test_near_duplicates_across_the_split_lose_their_training_copy():
         row("unsplit-copy", "the hotel room was really clean and the staff were friendly at every hour", "positive"),
     ]
     step = curation.near_dedup(rows, TASK, threshold=0.8, num_perm=128)
-    assert sorted(kept["id"] for kept in step.kept) == ["other", "test-copy"]
-    assert sorted(dropped["id"] for dropped, reason in step.dropped) == ["train-copy", "unsplit-copy"]
+    assert sorted(kept.id for kept in step.kept) == ["other", "test-copy"]
+    assert sorted(dropped.id for dropped, reason in step.dropped) == ["train-copy", "unsplit-copy"]
     assert {reason for _, reason in step.dropped} == {"near_duplicate"}
 
 
@@ -60,15 +61,15 @@ def test_dedup_runs_before_the_split_so_no_pair_straddles_it():
     rows += [row(f"u{i}", f"Unique review number {i} about topic {i * 7} with words {i * 13}", "neutral") for i in range(40)]
     curated, reports = curation.curate(rows, TASK, CurationConfig(balance=False), DataConfig(test_fraction=0.3))
     assert [report["step"] for report in reports] == ["rule_filter", "near_dedup", "split"]
-    texts = {split: {r["inputs"]["review"].lower() for r in curated if r["split"] == split} for split in ("train", "test")}
+    texts = {split: {r.inputs["review"].lower() for r in curated if r.split == split} for split in ("train", "test")}
     assert not texts["train"] & texts["test"]
     assert reports[1]["dropped"]["near_duplicate"] == 38
 
 
 def test_split_is_a_stable_function_of_the_input():
     rows = [row(f"r{i}", f"review {i}", "neutral") for i in range(200)]
-    first = {r["id"]: r["split"] for r in dataset.assign_splits(rows, TASK, 0.2, seed=0)}
-    again = {r["id"]: r["split"] for r in dataset.assign_splits(list(reversed(rows)) + [row("new", "another", "positive")], TASK, 0.2, seed=0)}
+    first = {r.id: r.split for r in dataset.assign_splits(rows, TASK, 0.2, seed=0)}
+    again = {r.id: r.split for r in dataset.assign_splits(list(reversed(rows)) + [row("new", "another", "positive")], TASK, 0.2, seed=0)}
     assert all(again[key] == value for key, value in first.items())
     assert 20 <= sum(1 for value in first.values() if value == "test") <= 60
 
@@ -78,10 +79,10 @@ def test_balance_caps_training_labels_and_leaves_test_alone():
     rows += [row(f"n{i}", f"n {i}", "negative", split="train") for i in range(5)]
     rows += [row(f"t{i}", f"t {i}", "positive", split="test") for i in range(30)]
     step = curation.balance(rows, TASK, CurationConfig(max_label_ratio=2.0), seed=0)
-    kept_train = [r for r in step.kept if r["split"] == "train"]
-    assert sum(r["output"] == "positive" for r in kept_train) == 10
-    assert sum(r["output"] == "negative" for r in kept_train) == 5
-    assert sum(r["split"] == "test" for r in step.kept) == 30
+    kept_train = [r for r in step.kept if r.split == "train"]
+    assert sum(r.output == "positive" for r in kept_train) == 10
+    assert sum(r.output == "negative" for r in kept_train) == 5
+    assert sum(r.split == "test" for r in step.kept) == 30
     assert step.report(len(rows))["dropped"] == {"over_cap:positive": 20}
 
 
@@ -89,7 +90,7 @@ def test_jsonl_and_csv_sources_and_the_card(tmp_path):
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text("\n".join(json.dumps({"review": f"Review {i} of the desk", "label": "neutral"}) for i in range(5)) + "\n")
     rows = dataset.load_rows(TASK, DataConfig(source=str(jsonl)))
-    assert len(rows) == 5 and rows[0]["output"] == "neutral" and rows[0]["gold"] == "neutral"
+    assert len(rows) == 5 and rows[0].output == "neutral" and rows[0].gold == "neutral"
 
     with (tmp_path / "rows.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["id", "review", "output"])
@@ -121,9 +122,9 @@ def test_request_log_source_selects_by_route_and_feedback(tmp_path):
 
     config = DataConfig(source=f"request-log:{path}", log_filter=LogFilter(route="sentiment"))
     rows = dataset.load_rows(TASK, config)
-    assert [r["id"] for r in rows] == ["r1", "r2", "r4"]
-    assert rows[0]["inputs"] == {"review": "Great desk"} and rows[0]["output"] == "positive"
-    assert rows[2]["inputs"] == {"review": ""}  # not this task's prompt: curation drops it as missing_input
+    assert [r.id for r in rows] == ["r1", "r2", "r4"]
+    assert rows[0].inputs == {"review": "Great desk"} and rows[0].output == "positive"
+    assert rows[2].inputs == {"review": ""}  # not this task's prompt: curation drops it as missing_input
 
     liked = dataset.load_rows(TASK, DataConfig(source=f"request-log:{path}", log_filter=LogFilter(route="sentiment", min_feedback={"thumbs": 0.5})))
-    assert [r["id"] for r in liked] == ["r1", "r4"]
+    assert [r.id for r in liked] == ["r1", "r4"]

@@ -58,12 +58,13 @@ def test_the_task_judge_criterion_scores_outputs_through_a_judge_endpoint(tmp_pa
     from training.config import EndpointConfig
     from training.endpoint import Endpoint
     from training.evaluation import evaluate, report_markdown
+    from training.row import Row
 
     spec = load_task("demo").model_dump(by_alias=True)
     spec.update(name="judged", generator=None, judge={"prompt": "Review: {{input}}\nLabel: {{output}}\nGold: {{reference}}\nScore 1-5:", "scale": [1, 5]})
     (tmp_path / "judged.yaml").write_text(yaml.safe_dump(spec))
     task = load_task(str(tmp_path / "judged.yaml"))
-    rows = [{"id": str(i), "inputs": {"review": text}, "gold": "positive", "output": None} for i, text in enumerate(["good", "fine", "bad", "odd"])]
+    rows = [Row(id=str(i), inputs={"review": text}, gold="positive") for i, text in enumerate(["good", "fine", "bad", "odd"])]
 
     def student(prompt: str, parameters: dict) -> str:
         return " negative" if "bad" in prompt else " positive"

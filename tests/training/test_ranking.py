@@ -8,6 +8,7 @@ from training import consistency, curation, judge
 from training.config import ConfigError, EndpointConfig, RankingConfig, load_config
 from training.dataset import DatasetError
 from training.endpoint import Endpoint
+from training.row import Row
 from training.task import load_task
 from tests.training.test_consistency import stub_server
 
@@ -15,7 +16,7 @@ TASK = load_task("demo")
 
 
 def row(row_id, output="positive", split="train", **extra):
-    return {"id": row_id, "inputs": {"review": f"Review {row_id}"}, "output": output, "gold": None, "split": split, **extra}
+    return Row(id=row_id, inputs={"review": f"Review {row_id}"}, output=output, split=split, **extra)
 
 
 def test_keeps_exactly_the_top_fraction_with_ties_broken_by_id():
@@ -23,30 +24,30 @@ def test_keeps_exactly_the_top_fraction_with_ties_broken_by_id():
     rows += [row("tie-b", teacher_logprob=-3.0), row("tie-a", teacher_logprob=-3.0)]  # ties with r3
     rows += [row("test", split="test", teacher_logprob=-99.0)]
     step = curation.rank(rows, RankingConfig(keep_fraction=0.42))
-    kept = [r["id"] for r in step.kept]
+    kept = [r.id for r in step.kept]
     assert kept == ["r0", "r1", "r2", "r3", "tie-a", "test"]  # floor(0.42 × 12) = 5 scored rows; at -3.0, r3 < tie-a < tie-b by id
     assert step.params == {"by": "teacher_logprob", "keep_fraction": 0.42, "scored_rows": 12, "per_token": False, "threshold": -3.0}
     assert step.report(len(rows))["dropped"] == {"below_threshold": 7}
     shuffled = curation.rank(list(reversed(rows)), RankingConfig(keep_fraction=0.42))
-    assert sorted(r["id"] for r in shuffled.kept) == sorted(kept) and shuffled.params == step.params
+    assert sorted(r.id for r in shuffled.kept) == sorted(kept) and shuffled.params == step.params
 
 
 def test_a_small_fraction_keeps_at_least_one_row():
     step = curation.rank([row("a", teacher_logprob=-1.0), row("b", teacher_logprob=-2.0)], RankingConfig(keep_fraction=0.1))
-    assert [r["id"] for r in step.kept] == ["a"]
+    assert [r.id for r in step.kept] == ["a"]
 
 
 def test_rows_without_a_score_are_dropped_as_no_score():
     rows = [row("a", teacher_logprob=-1.0), row("b"), row("c", teacher_logprob=-2.0), row("d", split="test")]
     step = curation.rank(rows, RankingConfig(keep_fraction=1.0))
-    assert [r["id"] for r in step.kept] == ["a", "c", "d"]
-    assert [(r["id"], reason) for r, reason in step.dropped] == [("b", "no_score")]
+    assert [r.id for r in step.kept] == ["a", "c", "d"]
+    assert [(r.id, reason) for r, reason in step.dropped] == [("b", "no_score")]
 
 
 def test_per_token_divides_by_the_answer_length():
     rows = [row("long", teacher_logprob=-3.0, teacher_tokens=[1, 2, 3, 4, 5, 6]), row("short", teacher_logprob=-1.0, teacher_tokens=[1])]
-    assert [r["id"] for r in curation.rank(rows, RankingConfig(keep_fraction=0.5, per_token=True)).kept] == ["long"]
-    assert [r["id"] for r in curation.rank(rows, RankingConfig(keep_fraction=0.5)).kept] == ["short"]
+    assert [r.id for r in curation.rank(rows, RankingConfig(keep_fraction=0.5, per_token=True)).kept] == ["long"]
+    assert [r.id for r in curation.rank(rows, RankingConfig(keep_fraction=0.5)).kept] == ["short"]
 
 
 def test_no_logprob_on_any_row_is_an_error_naming_the_field_and_fix():
@@ -62,7 +63,7 @@ def test_a_judge_score_counts_only_for_the_output_it_judged():
     config = RankingConfig(by="judge", keep_fraction=1.0, judge=EndpointConfig(url="http://x"), judge_prompt="{{input}} {{output}}")
     rows = [row("a", judge_score=5.0, judge_output="positive"), row("b", output="negative", judge_score=9.0, judge_output="positive")]
     step = curation.rank(rows, config)
-    assert [r["id"] for r in step.kept] == ["a"] and [(r["id"], reason) for r, reason in step.dropped] == [("b", "no_score")]
+    assert [r.id for r in step.kept] == ["a"] and [(r.id, reason) for r, reason in step.dropped] == [("b", "no_score")]
 
 
 def test_config_validation_names_the_field_and_fix():
@@ -104,12 +105,12 @@ def test_judge_scores_against_a_server_are_cached(tmp_path):
         judged, report = consistency.judge(rows, TASK, endpoint, template, tmp_path / "judge.jsonl", outputs)
         assert (report.rows, report.requested, report.cached, report.failed) == (3, 3, 0, 1)
         expected = judge.render_prompt(template, "Review a", "positive")
-        assert judged[0]["judge_score"] == float(expected.count("o")) and judged[0]["judge_output"] == "positive"
-        assert judged[2]["judge_score"] is None and "no number" in judged[2]["judge_error"]
-        assert "judge_score" not in judged[3]
+        assert judged[0].judge_score == float(expected.count("o")) and judged[0].judge_output == "positive"
+        assert judged[2].to_json()["judge_score"] is None and "no number" in judged[2].judge_error
+        assert "judge_score" not in judged[3].to_json()
 
         again, report = consistency.judge(rows, TASK, endpoint, template, tmp_path / "judge.jsonl", outputs)
         assert (report.requested, report.cached) == (0, 3) and len(seen) == 3 and again == judged
 
     step = curation.rank(judged, RankingConfig(by="judge", keep_fraction=1.0, judge=EndpointConfig(url=url), judge_prompt=template))
-    assert [r["id"] for r in step.kept] == ["a", "b", "d"] and [(r["id"], reason) for r, reason in step.dropped] == [("c", "no_score")]
+    assert [r.id for r in step.kept] == ["a", "b", "d"] and [(r.id, reason) for r, reason in step.dropped] == [("c", "no_score")]

@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import trainer
+from training import batching, trainer
 from training.config import LoraSettings, TrainSettings
+from training.row import Row
+from training.lora import NotServableConfigError
 from training.task import load_task
 from training.tasks.sentiment_data import generate
 
@@ -19,7 +21,7 @@ TASK = load_task("demo")
 
 @pytest.fixture(scope="module")
 def rows():
-    return [{"id": r["id"], "inputs": {"review": r["review"]}, "output": r["label"]} for r in generate("train", 24, seed=3)]
+    return [Row(id=r["id"], inputs={"review": r["review"]}, output=r["label"]) for r in generate("train", 24, seed=3)]
 
 
 def test_a_non_servable_lora_config_is_refused_before_any_training(tmp_path, tiny_base_dir, rows, monkeypatch):
@@ -28,7 +30,7 @@ def test_a_non_servable_lora_config_is_refused_before_any_training(tmp_path, tin
 
     monkeypatch.setattr(trainer.AutoModelForCausalLM, "from_pretrained", no_model_loading)
     lora = LoraSettings(rank=12, targets=["q_proj", "embed_tokens"])
-    with pytest.raises(trainer.NotServableConfigError) as caught:
+    with pytest.raises(NotServableConfigError) as caught:
         trainer.train(rows, TASK, tiny_base_dir, lora, TrainSettings(max_steps=2), tmp_path / "run")
     fields = {violation.field for violation in caught.value.violations}
     assert {"r", "target_modules"} <= fields
@@ -40,19 +42,19 @@ def test_labels_cover_only_completion_tokens_and_batches_group_lengths(tiny_base
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
-    examples, too_long = trainer.encode(rows, TASK, tokenizer, max_length=256)
+    examples, too_long = batching.encode(rows, TASK, tokenizer, max_length=256)
     assert too_long == 0
-    batch = trainer.collate(examples[:3], tokenizer.pad_token_id)
+    batch = batching.collate(examples[:3], tokenizer.pad_token_id)
     for index, example in enumerate(examples[:3]):
-        labelled = batch["labels"][index][batch["labels"][index] != trainer.IGNORE].tolist()
+        labelled = batch["labels"][index][batch["labels"][index] != batching.IGNORE].tolist()
         assert labelled == example.input_ids[example.prompt_length :]
         assert labelled[-1] == tokenizer.eos_token_id
-        assert tokenizer.decode(labelled[:-1]) == TASK.completion(rows[index]["output"])
+        assert tokenizer.decode(labelled[:-1]) == TASK.completion(rows[index].output)
     lengths = [5, 50, 6, 51, 7, 52, 8, 53]
-    batches = trainer.epoch_batches(lengths, batch_size=2, seed=0, epoch=0)
+    batches = batching.epoch_batches(lengths, batch_size=2, seed=0, epoch=0)
     assert sorted(i for b in batches for i in b) == list(range(8))
     assert all(abs(lengths[b[0]] - lengths[b[-1]]) <= 2 for b in batches)
-    assert batches == trainer.epoch_batches(lengths, batch_size=2, seed=0, epoch=0)
+    assert batches == batching.epoch_batches(lengths, batch_size=2, seed=0, epoch=0)
 
 
 class Interrupt(Exception):
