@@ -12,9 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable
 
-LORAX_PATHS = {"/", "/generate", "/generate_stream"}
-OPENAI_PATHS = {"/v1/completions": "openai_completions", "/v1/chat/completions": "openai_chat"}
-GENERATION_PATHS = LORAX_PATHS | set(OPENAI_PATHS)
+from serving.protocol import LORAX_PATHS, OPENAI_PATHS
 
 
 class BadCall(ValueError):

@@ -33,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from abtest import config as traffic
 from abtest.assignment import assign
 from abtest.circuit_breaker import CircuitBreaker
-from abtest.protocol import GENERATION_PATHS, Answer, BadCall, Call, StreamAnswer, answer_from_json, for_arm, parse_call
+from abtest.protocol import Answer, BadCall, Call, StreamAnswer, answer_from_json, for_arm, parse_call
 from monitoring.catalog import DEFAULT_ARM_LABEL, PASSTHROUGH_ROUTE_LABEL
 from monitoring.metrics import RouterMetrics
 from serving import auth
@@ -45,6 +45,7 @@ from serving.errors import (
     ValidationError,
     install_error_handlers,
 )
+from serving.protocol import GENERATION_PATHS
 from serving.request_log import Exchange, Feedback, RequestLog, hash_unit, new_request_id
 
 log = logging.getLogger("stillhouse.router")

@@ -12,18 +12,19 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from monitoring.catalog import UNKNOWN_ADAPTER_LABEL
 from monitoring.metrics import RequestLogMetrics
 from serving.errors import ValidationError, install_error_handlers
+from serving.protocol import GENERATION_PATHS
 from serving.request_log import RequestLog, new_request_id
 from serving.routes.admin import admin_routes
 from serving.routes.lorax import lorax_routes
 from serving.routes.openai import openai_routes
 from serving.routes.status import status_routes
-from serving.service import UNKNOWN_ADAPTER_LABEL, ServerSettings, Service
+from serving.service import ServerSettings, Service
 
 __all__ = ["ServerSettings", "Service", "create_app"]  # the service's types, importable with the app
 
-GENERATION_PATHS = {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"}
 _REQUEST_ID_CHARS = set("0123456789abcdefABCDEF-")
 
 

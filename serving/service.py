@@ -301,7 +301,8 @@ def build_service(settings: ServeSettings) -> Service:
 
 def _vllm_engine(settings: ServeSettings, base_dir: Path, model_name: str, registry: Registry) -> Engine:
     """A vLLM engine whose --max-lora-rank covers the registry's adapters within the profile."""
-    from serving.engines.vllm_engine import VllmEngine, max_lora_rank_for
+    from serving.engines.vllm_engine import VllmEngine
+    from serving.engines.vllm_process import max_lora_rank_for
 
     ranks = [int(e.metadata["rank"]) for e in registry.list() if e.metadata.get("rank")]
     return VllmEngine(

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from training import judge
 from training.task import describe_errors
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -63,7 +64,7 @@ class RankingConfig(_Strict):
     keep_fraction: float = Field(0.8, gt=0.0, le=1.0)
     per_token: bool = False  # teacher_logprob / len(teacher_tokens) (LoRAX teachers; OpenAI ones with train.kd_ratio > 0)
     judge: EndpointConfig | None = None  # the judge endpoint, when by is judge
-    judge_prompt: str | None = None  # template with {input} and {output}; the judge answers with a number
+    judge_prompt: str | None = None  # template with {{input}} and {{output}}; the judge answers with a number
 
     @model_validator(mode="after")
     def _judge_settings(self) -> "RankingConfig":
@@ -72,11 +73,9 @@ class RankingConfig(_Strict):
             if self.judge is None:
                 problems.append("curation.ranking.judge is required when by is 'judge'; add judge: {url: URL} (the judge endpoint)")
             if self.judge_prompt is None:
-                problems.append("curation.ranking.judge_prompt is required when by is 'judge'; add a template with {input} and {output}")
+                problems.append("curation.ranking.judge_prompt is required when by is 'judge'; add a template with {{input}} and {{output}}")
         if self.judge_prompt is not None:
-            missing = [name for name in ("{input}", "{output}") if name not in self.judge_prompt]
-            if missing:
-                problems.append(f"curation.ranking.judge_prompt never uses {' and '.join(missing)}; add it to the template")
+            problems += [f"curation.ranking.judge_prompt {problem}" for problem in judge.check_prompt(self.judge_prompt)]
         if self.per_token and self.by != "teacher_logprob":
             problems.append("curation.ranking.per_token applies to by: teacher_logprob only; remove it or rank by teacher_logprob")
         if problems:

@@ -69,7 +69,7 @@ def sample_teacher(
 
 def judge(rows: list[Row], task: Task, judge_endpoint: Endpoint, template: str, cache_path: Path, outputs: dict[str, str]) -> tuple[list[Row], StageReport]:
     """Rows whose id is in ``outputs`` get ``judge_score`` for that output (the number the judge
-    answers to ``template`` rendered with the row's ``{input}`` and the ``{output}``) and
+    answers to ``template`` rendered with the row's ``{{input}}`` and the ``{{output}}``) and
     ``judge_output``; the other rows are returned unchanged."""
     todo = [row for row in rows if row.id in outputs]
     jobs = []

@@ -33,7 +33,7 @@ from serving.engines.base import (
 from serving.engines.model_text import ModelText, text_config
 from serving.engines.token_stream import TokenStream
 from serving.engines.vllm_install import DEFAULT_VENV
-from serving.engines.vllm_process import MIN_MAX_LORA_RANK, VllmProcess, max_lora_rank_for
+from serving.engines.vllm_process import MIN_MAX_LORA_RANK, VllmProcess
 from serving.errors import (
     AdapterNotServableError,
     GenerationError,
@@ -41,9 +41,6 @@ from serving.errors import (
     OverloadedError,
     ValidationError,
 )
-
-# max_lora_rank_for: callers choose the --max-lora-rank of the server they build this engine for
-__all__ = ["VllmEngine", "max_lora_rank_for"]
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -14,12 +13,7 @@ import pytest
 import yaml
 
 from monitoring.prometheus import Prometheus
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from serving.loopback import free_port
 
 
 def require_prometheus() -> str:
@@ -37,7 +31,7 @@ def require_prometheus() -> str:
 def running_prometheus(tmp_path: Path, targets: list[str], scrape_interval_ms: int = 1000):
     """Start Prometheus scraping ``targets`` (host:port) every ``scrape_interval_ms``; yield its client."""
     binary = require_prometheus()
-    port = _free_port()
+    port = free_port()
     config = {
         "global": {"scrape_interval": f"{scrape_interval_ms}ms", "evaluation_interval": f"{scrape_interval_ms}ms"},
         "scrape_configs": [{"job_name": "stillhouse", "static_configs": [{"targets": targets}]}],

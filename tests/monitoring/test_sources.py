@@ -15,7 +15,8 @@ from monitoring.metrics import RouterMetrics
 from monitoring.prometheus import Prometheus, PrometheusSource
 from monitoring.series import Series, counter_increase, quantile_from_buckets, window_increase
 from monitoring.snapshots import SnapshotStore
-from tests.monitoring.prometheus_harness import _free_port, running_prometheus
+from serving.loopback import free_port
+from tests.monitoring.prometheus_harness import running_prometheus
 
 
 def test_counter_increase_handles_resets_and_series_born_in_the_window():
@@ -36,13 +37,13 @@ def test_quantiles_from_buckets_interpolate_like_histogram_quantile():
 
 
 def test_an_unreachable_prometheus_is_a_status_not_a_crash():
-    result = Prometheus(f"http://127.0.0.1:{_free_port()}", timeout_s=1).instant("up")
+    result = Prometheus(f"http://127.0.0.1:{free_port()}", timeout_s=1).instant("up")
     assert result.status == "unreachable" and "did not answer" in result.error
 
 
 def test_prometheus_and_snapshots_give_the_same_counts_and_verdict(tmp_path):
     metrics = RouterMetrics()
-    port = _free_port()
+    port = free_port()
     server, thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
     store = SnapshotStore(tmp_path / "snapshots.jsonl")
     url = f"http://127.0.0.1:{port}/metrics"

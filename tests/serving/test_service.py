@@ -7,14 +7,14 @@ import asyncio
 import pytest
 
 import stillhouse
-from monitoring.metrics import BASE_ADAPTER_LABEL
+from monitoring.catalog import BASE_ADAPTER_LABEL, UNKNOWN_ADAPTER_LABEL
 from serving.cli import serve_settings
 from serving.engines.base import SamplingParams
 from serving.engines.torch_engine import TorchEngine
 from serving.errors import ValidationError
 from serving.protocol import lorax
 from serving.registry import Registry
-from serving.service import UNKNOWN_ADAPTER_LABEL, Call, ServerSettings, ServeSettings, Service, build_service
+from serving.service import Call, ServerSettings, ServeSettings, Service, build_service
 
 
 def test_serve_flags_become_settings(tmp_path):

@@ -71,7 +71,7 @@ def test_config_validation_names_the_field_and_fix():
         load_config(None, {"name": "x", "curation.ranking": {"by": "judge"}})
     assert "curation.ranking.judge is required when by is 'judge'; add judge: {url: URL}" in str(error.value)
     assert "curation.ranking.judge_prompt is required when by is 'judge'" in str(error.value)
-    with pytest.raises(ConfigError, match=r"judge_prompt never uses \{output\}; add it"):
+    with pytest.raises(ConfigError, match=r"judge_prompt never uses \{\{output\}\}; add \{\{output\}\}"):
         load_config(None, {"name": "x", "curation.ranking": {"by": "judge", "judge": {"url": "http://j"}, "judge_prompt": "Rate {{input}}"}})
     with pytest.raises(ConfigError, match="curation.ranking.keep_fraction"):
         load_config(None, {"name": "x", "curation.ranking": {"keep_fraction": 0}})
