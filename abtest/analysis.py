@@ -33,14 +33,13 @@ from monitoring.series import Series, quantile_from_buckets, window_increase
 
 PROMOTE, ROLLBACK, CONTINUE, INCONCLUSIVE = "promote", "rollback", "continue", "inconclusive"
 ERROR_OUTCOMES = ("upstream_error", "client_error")
+_PARTS = ("n", "pos", "neg", "sq")  # the order of SufficientStats.specs
 #: what the router reads for an analysis, by the ``by`` labels the numbers are grouped on
 _READS = {
     "requests": (catalog.ROUTER_REQUESTS, None, ("arm", "outcome")),
     "fallbacks": (catalog.ROUTER_FALLBACKS, None, ("arm",)),
-    "feedback_n": (catalog.ROUTER_FEEDBACK.count, None, ("arm", "metric")),
-    "feedback_pos": (catalog.ROUTER_FEEDBACK.sum_positive, None, ("arm", "metric")),
-    "feedback_neg": (catalog.ROUTER_FEEDBACK.sum_negative, None, ("arm", "metric")),
-    "feedback_sq": (catalog.ROUTER_FEEDBACK.sum_squares, None, ("arm", "metric")),
+    **{f"feedback_{part}": (spec, None, ("arm", "metric")) for part, spec in zip(_PARTS, catalog.ROUTER_FEEDBACK.specs)},
+    **{f"check_{part}": (spec, None, ("arm", "check")) for part, spec in zip(_PARTS, catalog.ROUTER_OUTPUT_CHECKS.specs)},
     "latency": (catalog.ROUTER_REQUEST_DURATION, "bucket", ("arm", "le")),
     "ttft": (catalog.ROUTER_TIME_TO_FIRST_TOKEN, "bucket", ("arm", "le")),
     "prompt_tokens": (catalog.ROUTER_PROMPT_TOKENS, None, ("arm",)),
@@ -76,7 +75,7 @@ class ArmWindow:
 
     requests: dict[str, int]  # outcome -> count, the arm as the one that answered
     fallbacks_from: int  # requests assigned here that the fallback arm answered
-    metrics: dict[str, Mean]  # feedback metric -> n, sum, sum of squares
+    metrics: dict[str, Mean]  # feedback metric or output check -> n, sum, sum of squares
     latency_buckets: dict[float, float]
     ttft_buckets: dict[float, float]
     prompt_tokens: float
@@ -106,21 +105,19 @@ def summarise(window: Window, arms: list[str], until: float | None = None) -> di
         return window_increase(cut, window.start, _READS[key][2], step)
 
     requests, fallbacks = grouped("requests"), grouped("fallbacks")
-    feedback = {k: grouped(k) for k in ("feedback_n", "feedback_pos", "feedback_neg", "feedback_sq")}
+    outcome_stats = [{part: grouped(f"{kind}_{part}") for part in _PARTS} for kind in ("feedback", "check")]
     latency, ttft = grouped("latency"), grouped("ttft")
     prompt, generated = grouped("prompt_tokens"), grouped("generated_tokens")
     result = {}
     for arm in arms:
-        metric_names = {metric for (a, metric) in feedback["feedback_n"] if a == arm}
+        metrics = {
+            name: Mean(round(n), stats["pos"].get((arm, name), 0.0) - stats["neg"].get((arm, name), 0.0), stats["sq"].get((arm, name), 0.0))
+            for stats in outcome_stats for (a, name), n in stats["n"].items() if a == arm
+        }
         result[arm] = ArmWindow(
             requests={outcome: round(v) for (a, outcome), v in requests.items() if a == arm},
             fallbacks_from=round(fallbacks.get((arm,), 0)),
-            metrics={
-                m: Mean(round(feedback["feedback_n"][(arm, m)]),
-                        feedback["feedback_pos"].get((arm, m), 0.0) - feedback["feedback_neg"].get((arm, m), 0.0),
-                        feedback["feedback_sq"].get((arm, m), 0.0))
-                for m in metric_names
-            },
+            metrics=metrics,
             latency_buckets={float(le): v for (a, le), v in latency.items() if a == arm},
             ttft_buckets={float(le): v for (a, le), v in ttft.items() if a == arm},
             prompt_tokens=prompt.get((arm,), 0.0),
@@ -344,8 +341,9 @@ def _decide(plan: Experiment, declaration: MetricDeclaration, ratio: SrmCheck, p
 
 
 def declarations_of(route) -> dict[str, MetricDeclaration]:
-    """The route's outcome metrics as the analysis sees them."""
-    return {name: MetricDeclaration(spec.type, spec.goal) for name, spec in route.metrics.items()}
+    """The route's outcome metrics as the analysis sees them: feedback metrics, and output checks (boolean, higher is better)."""
+    checks = {name: MetricDeclaration("boolean") for name in route.checks}
+    return checks | {name: MetricDeclaration(spec.type, spec.goal) for name, spec in route.metrics.items()}
 
 
 def pick_candidate(route, candidate: str | None) -> str:

@@ -102,6 +102,7 @@ def _register_abtest(subparsers: argparse._SubParsersAction) -> None:
                        "(default: $STILLHOUSE_HOME/abtest/ROUTE-decisions.jsonl)")
     watch.add_argument("--dry-run", action="store_true", help="decide and log, but never write the traffic-split file")
     watch.add_argument("--max-looks", type=int, default=None, help="stop after this many looks (default: until promoted or rolled back)")
+    watch.add_argument("--metrics-port", type=int, default=None, help="serve the stillhouse_rollout_* metrics on this loopback port")
     watch.set_defaults(handler=_abtest_watch)
 
 
@@ -183,10 +184,17 @@ def _abtest_watch(args: argparse.Namespace) -> int:
     from abtest.rollout import Watch
     from serving.base_models import stillhouse_home
 
+    from prometheus_client import start_http_server
+
+    from monitoring.metrics import RolloutMetrics
+
     source = _source(args)
     log = args.decision_log or stillhouse_home() / "abtest" / f"{args.route}-decisions.jsonl"
+    metrics = RolloutMetrics()
+    if args.metrics_port is not None:
+        start_http_server(args.metrics_port, addr="127.0.0.1", registry=metrics.registry)
     try:
-        watch = Watch(args.config, args.route, source, args.candidate, log, dry_run=args.dry_run)
+        watch = Watch(args.config, args.route, source, args.candidate, log, dry_run=args.dry_run, metrics=metrics)
     except (config.ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializerFunctionWrapHandler, model_serializer, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from abtest.experiment import Experiment
@@ -65,6 +65,43 @@ class MetricSpec(_Strict):
 
     type: Literal["boolean", "float"]
     goal: Literal["maximize", "minimize"] = "maximize"
+
+
+class OutputCheck(_Strict):
+    """An online check the router runs on every answer, exported per arm as a boolean metric.
+
+    Exactly one of: ``labels`` (the answer's first word is one of them), ``regex`` (matches the
+    whole answer) or ``json_schema`` (the answer is a JSON document valid under it): the output
+    formats of a task (``training.task``), checked the same way.
+    """
+
+    labels: list[str] | None = Field(default=None, min_length=2)
+    regex: str | None = None
+    json_schema: dict[str, Any] | None = None
+    _format: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _one_format(self) -> "OutputCheck":
+        from training.task import JsonOutput, LabelOutput, RegexOutput  # abtest's other use of training/: output formats
+
+        given = [key for key in ("labels", "regex", "json_schema") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of labels, regex or json_schema (got {given or 'none'})")
+        try:
+            if self.labels is not None:
+                self._format = LabelOutput(type="labels", labels=self.labels)
+            elif self.regex is not None:
+                self._format = RegexOutput(type="regex", pattern=self.regex)
+            else:
+                self._format = JsonOutput(type="json", schema=self.json_schema)
+        except PydanticValidationError as error:
+            raise ValueError("; ".join(item["msg"].removeprefix("Value error, ") for item in error.errors())) from None
+        return self
+
+    def passes(self, text: str | None) -> bool:
+        from training.task import parse_output
+
+        return parse_output(self._format, text).code == "ok"
 
 
 class TaskPrompt(_Strict):
@@ -110,6 +147,7 @@ class Route(_Strict):
     metrics: dict[str, MetricSpec] = Field(default_factory=dict)
     arms: dict[str, Arm]
     shadow: list[Shadow] = Field(default_factory=list)
+    checks: dict[str, OutputCheck] = Field(default_factory=dict)  # online output checks, boolean metrics per arm
     experiment: Experiment | None = None  # the pre-registered analysis plan (abtest/experiment.py)
 
     def render(self, arm: Arm, prompt: str) -> str:
@@ -254,16 +292,24 @@ def _semantic_problems(raw: dict) -> list[Problem]:
             if not str(name).replace("_", "").isalnum():
                 problems.append(Problem(f"{where}.metrics.{name}", "metric names become Prometheus label values and API keys",
                                         "use letters, digits and underscores"))
+        for name in _as_dict(route.get("checks")):
+            if not str(name).replace("_", "").isalnum():
+                problems.append(Problem(f"{where}.checks.{name}", "check names become Prometheus label values",
+                                        "use letters, digits and underscores"))
+            if name in _as_dict(route.get("metrics")):
+                problems.append(Problem(f"{where}.checks.{name}", "a feedback metric has the same name",
+                                        "rename the check or the metric: one name, one meaning"))
         experiment = route.get("experiment")
         if isinstance(experiment, dict):
-            declared = {str(name): str(_as_dict(spec).get("type")) for name, spec in _as_dict(route.get("metrics")).items()}
+            declared = {str(name): "boolean" for name in _as_dict(route.get("checks"))}
+            declared |= {str(name): str(_as_dict(spec).get("type")) for name, spec in _as_dict(route.get("metrics")).items()}
             for key in ("primary", "secondary"):
                 names = experiment.get(key)
                 for index, name in enumerate([names] if key == "primary" else names if isinstance(names, list) else []):
                     path = f"{where}.experiment.{key}" + ("" if key == "primary" else f".{index}")
                     if isinstance(name, str) and name not in declared:
-                        problems.append(Problem(path, f"{name!r} is not a metric of this route",
-                                                f"use one of {sorted(declared)} or declare it under {where}.metrics"))
+                        problems.append(Problem(path, f"{name!r} is neither a metric nor a check of this route",
+                                                f"use one of {sorted(declared)} or declare it under {where}.metrics or .checks"))
             if experiment.get("primary") in (experiment.get("secondary") or []):
                 problems.append(Problem(f"{where}.experiment.secondary", "the primary metric is listed again", "remove it from secondary"))
     default = raw.get("default_upstream")

@@ -12,7 +12,7 @@ step, so the SRM check and the arms' numbers are sound) and ``decide`` picks one
 
 A new weight is written to the traffic-split file atomically (a temporary file, then rename), so
 the router's hot reload sees either the old file or the new one. Every decision and its inputs
-go to a JSONL decision log.
+go to a JSONL decision log and to the ``stillhouse_rollout_*`` metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import yaml
 
 from abtest import config as traffic
 from abtest.analysis import PROMOTE, ROLLBACK, Analysis, analyze_route, pick_candidate
+from monitoring.metrics import RolloutMetrics
 
 ADVANCE, HOLD, ROLLED_BACK, PROMOTED = "advance", "hold", "rollback", "promoted"
 
@@ -87,12 +88,13 @@ class Watch:
     """One candidate's rollout: looks, decisions, file writes and the decision log."""
 
     def __init__(self, config_path: Path, route: str, source, candidate: str | None = None, decision_log: Path | None = None,
-                 dry_run: bool = False, clock=time.time):
+                 dry_run: bool = False, clock=time.time, metrics: RolloutMetrics | None = None):
         self.config_path = Path(config_path)
         self.route = route
         self.source = source
         self.dry_run = dry_run
         self.clock = clock
+        self.metrics = metrics or RolloutMetrics()
         config = traffic.load(self.config_path)
         route_config = config.routes[route]
         if route_config.experiment is None:
@@ -137,6 +139,7 @@ class Watch:
         if decision.weight != before:
             self.weight = decision.weight
             self.step_started = self.clock()
+        self.metrics.observe_decision(self.route, self.candidate, decision.action, decision.weight, analysis.verdict if analysis else None)
         if self.decision_log is not None:
             entry = {"time": self.clock(), "route": self.route, "candidate": self.candidate, "action": decision.action,
                      "weight_before": before, "weight_after": decision.weight, "dry_run": self.dry_run, "reasons": decision.reasons,

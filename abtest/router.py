@@ -34,7 +34,7 @@ from abtest import config as traffic
 from abtest.assignment import assign
 from abtest.circuit_breaker import CircuitBreaker
 from abtest.protocol import Answer, BadCall, Call, StreamAnswer, answer_from_json, for_arm, parse_call
-from monitoring.catalog import DEFAULT_ARM_LABEL, PASSTHROUGH_ROUTE_LABEL
+from monitoring.catalog import ANSWERED_ROUTER_OUTCOMES, DEFAULT_ARM_LABEL, PASSTHROUGH_ROUTE_LABEL
 from monitoring.metrics import RouterMetrics
 from serving import auth
 from serving.errors import (
@@ -114,9 +114,8 @@ class ConfigHolder:
     def __init__(self, path: Path, metrics: RouterMetrics):
         self.path = path
         self.metrics = metrics
-        self.config = traffic.load(path)
         self._seen = self._stamp()
-        metrics.set_config_version(self.config.version_hash)
+        self.replace(traffic.load(path))
 
     def _stamp(self) -> tuple[int, int] | None:
         try:
@@ -127,7 +126,7 @@ class ConfigHolder:
 
     def replace(self, config: traffic.TrafficConfig) -> None:
         self.config = config
-        self.metrics.set_config_version(config.version_hash)
+        self.metrics.set_config(config.version_hash, {name: route.weights() for name, route in config.routes.items()})
 
     def poll(self) -> bool:
         """Reload when the file changed; True when a new config was taken."""
@@ -380,7 +379,10 @@ class Router:
         self._arms[exchange.request_id] = (exchange.route, target.arm)
         if len(self._arms) > self.settings.remembered_requests:
             self._arms.popitem(last=False)
-        if outcome in ("success", "fallback"):
+        if outcome in ANSWERED_ROUTER_OUTCOMES:
+            route = exchange.config.routes.get(exchange.route)
+            for name, check in (route.checks.items() if route else ()):
+                self.metrics.observe_check(exchange.route, target.arm, name, check.passes(answer.text))
             self._start_shadows(exchange, target.arm, answer.text)
 
     def _log(self, exchange: RoutedCall, target: Target, answer: Answer, status: int, outcome: str,

@@ -214,11 +214,47 @@ ROUTER_FEEDBACK = SufficientStats(
         "stillhouse_router_feedback_sum_squares_total", Kind.COUNTER, "Sum of squared feedback values (sum x^2).", _METRIC, **_ROUTER,
     ),
 )
+_CHECK = (*_ARM, "check")
+ROUTER_OUTPUT_CHECKS = SufficientStats(
+    count=MetricSpec(
+        "stillhouse_router_output_check_count_total", Kind.COUNTER, "Answers the route's output checks ran on (n).", _CHECK, **_ROUTER,
+    ),
+    sum_positive=MetricSpec(
+        "stillhouse_router_output_check_sum_positive_total", Kind.COUNTER, "Answers that passed the check (sum x).", _CHECK, **_ROUTER,
+    ),
+    sum_negative=MetricSpec(
+        "stillhouse_router_output_check_sum_negative_total", Kind.COUNTER, "Always 0: a check is 0 or 1 (kept for the feedback shape).",
+        _CHECK, **_ROUTER,
+    ),
+    sum_squares=MetricSpec(
+        "stillhouse_router_output_check_sum_squares_total", Kind.COUNTER, "Answers that passed, again (x^2 = x for 0/1).", _CHECK, **_ROUTER,
+    ),
+)
 ROUTER_CONFIG_INFO = MetricSpec(
     "stillhouse_router_config_info", Kind.GAUGE, "1 for the loaded traffic-split version.", ("version",), **_ROUTER,
 )
+ROUTER_ARM_WEIGHT = MetricSpec(
+    "stillhouse_router_arm_weight", Kind.GAUGE, "Configured weight of each arm, as a percent of its route's traffic.", _ARM, **_ROUTER,
+)
 ROUTER_CONFIG_RELOAD_ERRORS = MetricSpec(
     "stillhouse_router_config_reload_errors_total", Kind.COUNTER, "Traffic-split files refused on reload.", **_ROUTER,
+)
+
+# --- rollout (`stillhouse abtest watch --metrics-port`) -------------------------------------
+
+ROLLOUT_ACTIONS = ("advance", "hold", "rollback", "promoted")
+VERDICTS = ("promote", "rollback", "continue", "inconclusive")
+_ROLLOUT = {"component": "watch"}
+ROLLOUT_DECISIONS = MetricSpec(
+    "stillhouse_rollout_decisions_total", Kind.COUNTER, "Decisions of the rollout watch, by action.",
+    ("route", "arm", "action"), {"action": ROLLOUT_ACTIONS}, **_ROLLOUT,
+)
+ROLLOUT_VERDICT = MetricSpec(
+    "stillhouse_rollout_verdict", Kind.GAUGE, "1 for the latest verdict on the candidate arm, 0 for the others.",
+    ("route", "arm", "verdict"), {"verdict": VERDICTS}, **_ROLLOUT,
+)
+ROLLOUT_WEIGHT = MetricSpec(
+    "stillhouse_rollout_candidate_weight", Kind.GAUGE, "The candidate's weight the watch last set, percent.", ("route", "arm"), **_ROLLOUT,
 )
 
 SERVER_METRICS = (
@@ -227,11 +263,12 @@ SERVER_METRICS = (
 )
 ROUTER_METRICS = (
     ROUTER_REQUESTS, ROUTER_REQUEST_DURATION, ROUTER_TIME_TO_FIRST_TOKEN, ROUTER_PROMPT_TOKENS, ROUTER_GENERATED_TOKENS,
-    ROUTER_UPSTREAM_ERRORS, ROUTER_FALLBACKS, ROUTER_SHADOW_REQUESTS, *ROUTER_FEEDBACK.specs, ROUTER_CONFIG_INFO,
+    ROUTER_UPSTREAM_ERRORS, ROUTER_FALLBACKS, ROUTER_SHADOW_REQUESTS, *ROUTER_FEEDBACK.specs, *ROUTER_OUTPUT_CHECKS.specs, ROUTER_ARM_WEIGHT, ROUTER_CONFIG_INFO,
     ROUTER_CONFIG_RELOAD_ERRORS,
 )
+ROLLOUT_METRICS = (ROLLOUT_DECISIONS, ROLLOUT_VERDICT, ROLLOUT_WEIGHT)
 #: every metric, in the order the documentation lists them
-ALL_METRICS = (*SERVER_METRICS, REQUEST_LOG_DROPPED_ROWS, *ROUTER_METRICS)
+ALL_METRICS = (*SERVER_METRICS, REQUEST_LOG_DROPPED_ROWS, *ROUTER_METRICS, *ROLLOUT_METRICS)
 BY_NAME = {spec.name: spec for spec in ALL_METRICS}
 
 
@@ -255,8 +292,8 @@ def markdown_table() -> str:
         "",
         f"Label values: `{BASE_ADAPTER_LABEL}` is the base model, `{UNKNOWN_ADAPTER_LABEL}` a request refused before its adapter",
         f"was known; `route` is `{PASSTHROUGH_ROUTE_LABEL}` for adapter ids that name no route (`arm` is then `{DEFAULT_ARM_LABEL}`).",
-        "Feedback is exported per route x arm x metric as count, sum (positive part minus negative part) and sum of",
-        "squares: the sufficient statistics of a two-sample test of means.",
+        "Feedback (per route x arm x metric) and output checks (per route x arm x check) are exported as count, sum",
+        "(positive part minus negative part) and sum of squares: the sufficient statistics of a two-sample test of means.",
         "",
     ]
     return "\n".join(lines)

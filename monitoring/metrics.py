@@ -88,6 +88,8 @@ class RouterMetrics:
         self.feedback_sum_positive = collector(feedback.sum_positive, r)
         self.feedback_sum_negative = collector(feedback.sum_negative, r)
         self.feedback_sum_squares = collector(feedback.sum_squares, r)
+        self.output_checks = [collector(spec, r) for spec in catalog.ROUTER_OUTPUT_CHECKS.specs]
+        self.arm_weight = collector(catalog.ROUTER_ARM_WEIGHT, r)
         self.config_info = collector(catalog.ROUTER_CONFIG_INFO, r)
         self.config_reload_errors = collector(catalog.ROUTER_CONFIG_RELOAD_ERRORS, r)
         self.request_log = RequestLogMetrics(r)
@@ -126,7 +128,38 @@ class RouterMetrics:
         self.feedback_sum_negative.labels(*labels).inc(max(-value, 0.0))
         self.feedback_sum_squares.labels(*labels).inc(value * value)
 
-    def set_config_version(self, version: str) -> None:
-        """Export ``version`` as the only loaded config."""
+    def observe_check(self, route: str, arm: str, check: str, passed: bool) -> None:
+        """One answer's output check, in the same count / sum / sum-of-squares shape as feedback."""
+        count, positive, negative, squares = (family.labels(route, arm, check) for family in self.output_checks)
+        count.inc()
+        positive.inc(float(passed))
+        negative.inc(0.0)
+        squares.inc(float(passed))
+
+    def set_config(self, version: str, weights: dict[str, dict[str, float]]) -> None:
+        """Export ``version`` as the only loaded config, and each route's arm weights as percents."""
         self.config_info.clear()
         self.config_info.labels(version).set(1)
+        self.arm_weight.clear()
+        for route, arms in weights.items():
+            total = sum(arms.values()) or 1.0
+            for arm, weight in arms.items():
+                self.arm_weight.labels(route, arm).set(100.0 * weight / total)
+
+
+class RolloutMetrics:
+    """What `stillhouse abtest watch` decided, for dashboards and alerts."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.decisions = collector(catalog.ROLLOUT_DECISIONS, self.registry)
+        self.verdict = collector(catalog.ROLLOUT_VERDICT, self.registry)
+        self.weight = collector(catalog.ROLLOUT_WEIGHT, self.registry)
+
+    def observe_decision(self, route: str, arm: str, action: str, weight: float, verdict: str | None) -> None:
+        catalog.ROLLOUT_DECISIONS.check_value("action", action)
+        self.decisions.labels(route, arm, action).inc()
+        self.weight.labels(route, arm).set(weight)
+        if verdict is not None:
+            for name in catalog.VERDICTS:
+                self.verdict.labels(route, arm, name).set(1.0 if name == verdict else 0.0)

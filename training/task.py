@@ -42,11 +42,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+@dataclass(frozen=True)
+class Parsed:
+    """An output checked against the task's format: ``value`` is None when ``code`` says why."""
+
+    value: Any
+    code: str  # "ok", "empty", "not_a_label", "no_regex_match", "invalid_json", "schema_violation"
+
+
 class LabelOutput(_Strict):
     """The output is one label from a fixed set (compared case-insensitively, first word)."""
 
     type: Literal["labels"]
     labels: list[str] = Field(min_length=2)
+
+    def parse(self, text: str) -> Parsed:
+        """``text`` (stripped, non-empty) as one of the labels, spelled as declared."""
+        first = text.split()[0].strip(".,;:!\"'").lower()
+        labels = {label.lower(): label for label in self.labels}
+        return Parsed(labels[first], "ok") if first in labels else Parsed(None, "not_a_label")
 
 
 class RegexOutput(_Strict):
@@ -64,6 +78,10 @@ class RegexOutput(_Strict):
             raise ValueError(f"not a valid regular expression ({error}); escape special characters") from None
         return pattern
 
+    def parse(self, text: str) -> Parsed:
+        """``text`` (stripped, non-empty) when the pattern matches all of it."""
+        return Parsed(text, "ok") if re.fullmatch(self.pattern, text) else Parsed(None, "no_regex_match")
+
 
 class JsonOutput(_Strict):
     """The output is a JSON document valid under ``schema`` (JSON Schema)."""
@@ -80,8 +98,24 @@ class JsonOutput(_Strict):
             raise ValueError(f"not a valid JSON Schema ({error.message})") from None
         return schema
 
+    def parse(self, text: str) -> Parsed:
+        """``text`` (stripped, non-empty) as a JSON document valid under the schema."""
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError:
+            return Parsed(None, "invalid_json")
+        if not jsonschema.Draft202012Validator(self.schema_).is_valid(document):
+            return Parsed(None, "schema_violation")
+        return Parsed(document, "ok")
+
 
 OutputFormat = Annotated[Union[LabelOutput, RegexOutput, JsonOutput], Field(discriminator="type")]
+
+
+def parse_output(output: LabelOutput | RegexOutput | JsonOutput, text: str | None) -> Parsed:
+    """A raw completion checked against an output format (surrounding white space ignored); never raises."""
+    text = (text or "").strip()
+    return output.parse(text) if text else Parsed(None, "empty")
 
 
 class Generation(_Strict):
@@ -109,13 +143,6 @@ class JudgeCriterion(_Strict):
             raise ValueError("; ".join(problems))
         return self
 
-
-@dataclass(frozen=True)
-class Parsed:
-    """An output checked against the task's format: ``value`` is None when ``code`` says why."""
-
-    value: Any
-    code: str  # "ok", "empty", "not_a_label", "no_regex_match", "invalid_json", "schema_violation"
 
 
 class Task(_Strict):
@@ -182,23 +209,7 @@ class Task(_Strict):
 
     def parse(self, text: str) -> Parsed:
         """Check a raw completion against the output format; never raises on bad data."""
-        text = (text or "").strip()
-        if not text:
-            return Parsed(None, "empty")
-        output = self.output
-        if isinstance(output, LabelOutput):
-            first = text.split()[0].strip(".,;:!\"'").lower()
-            labels = {label.lower(): label for label in output.labels}
-            return Parsed(labels[first], "ok") if first in labels else Parsed(None, "not_a_label")
-        if isinstance(output, RegexOutput):
-            return Parsed(text, "ok") if re.fullmatch(output.pattern, text) else Parsed(None, "no_regex_match")
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError:
-            return Parsed(None, "invalid_json")
-        if not jsonschema.Draft202012Validator(output.schema_).is_valid(document):
-            return Parsed(None, "schema_violation")
-        return Parsed(document, "ok")
+        return parse_output(self.output, text)
 
     def completion(self, output: str) -> str:
         """The text the student is trained to produce after its prompt."""

@@ -18,11 +18,14 @@ LABELS = ("positive", "negative")
 class Labeller:
     """Mutable knobs of one upstream: change ``delay_s`` mid-test to inject a latency regression."""
 
-    def __init__(self, accuracy: float, delay_s: float = 0.0, seed: int = 0):
-        self.accuracy, self.delay_s = accuracy, delay_s
+    def __init__(self, accuracy: float, delay_s: float = 0.0, seed: int = 0, garbage: float = 0.0):
+        self.accuracy, self.delay_s, self.garbage = accuracy, delay_s, garbage
         self.random = random.Random(seed)
 
     def answer(self, prompt: str) -> str:
+        """The gold label with probability ``accuracy``, else the other one; no label at all with probability ``garbage``."""
+        if self.random.random() < self.garbage:
+            return "I am not sure"
         gold = prompt.rsplit("gold=", 1)[-1].strip()
         wrong = next(label for label in LABELS if label != gold)
         return gold if self.random.random() < self.accuracy else wrong

@@ -153,3 +153,25 @@ def test_a_route_template_is_checked_like_any_template():
     messages = {p.path: str(p) for p in caught.value.problems}
     assert messages["routes.sentiment.arms.teacher.template"].endswith("the template has {text} in single braces, which is literal text; fix: write {{text}}")
     assert "the template uses ['lang']" in messages["routes.sentiment.arms.student-v1.template"]
+
+
+def test_the_experiment_plan_and_output_checks_are_validated_with_the_route():
+    route = config.load(EXAMPLE).routes["sentiment"]
+    assert route.experiment.primary == "correct" and route.experiment.ramp.steps == [1, 5, 25, 50, 100]
+    assert route.checks["valid_output"].passes(" Neutral.") and not route.checks["valid_output"].passes("maybe")
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    sentiment = raw["routes"]["sentiment"]
+    sentiment["experiment"] |= {"primary": "bleu", "secondary": ["rating", "correct"], "alpha": 0.7,
+                                "guardrails": {"latency_p95": {}, "cost": {"max_absolute": 1}},
+                                "ramp": {"steps": [5, 1]}, "colour": "red"}
+    sentiment["checks"] |= {"correct": {"regex": "("}, "two": {"labels": ["a", "b"], "regex": "x"}}
+    with pytest.raises(config.ConfigError) as error:
+        config.parse(raw)
+    paths = {problem.path for problem in error.value.problems}
+    text = str(error.value)
+    assert {"routes.sentiment.experiment.primary", "routes.sentiment.experiment.alpha", "routes.sentiment.experiment.colour",
+            "routes.sentiment.experiment.guardrails.latency_p95", "routes.sentiment.experiment.guardrails.cost.[key]",
+            "routes.sentiment.experiment.ramp", "routes.sentiment.checks.correct", "routes.sentiment.checks.two"} <= paths
+    assert "'bleu' is neither a metric nor a check" in text and "a feedback metric has the same name" in text
+    assert "set exactly one of max_relative_increase or max_absolute" in text and "must increase" in text
+    assert "not a valid regular expression" in text and "set exactly one of labels, regex or json_schema" in text

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 import yaml
+from prometheus_client import generate_latest
 
 from abtest import analysis, config as traffic
 from abtest.rollout import ADVANCE, HOLD, ROLLED_BACK, Watch
@@ -30,6 +31,7 @@ def write_traffic(path, control_url, candidate_url, weights=(50, 50), **experime
     route = {
         "mode": "passthrough",
         "metrics": {"correct": {"type": "boolean", "goal": "maximize"}},
+        "checks": {"valid_output": {"labels": list(LABELS)}},
         "arms": {"teacher": {"role": "control", "upstream": control_url, "weight": weights[0]},
                  "student": {"role": "candidate", "upstream": candidate_url, "adapter": "s@v1", "weight": weights[1]}},
         "experiment": plan,
@@ -38,8 +40,8 @@ def write_traffic(path, control_url, candidate_url, weights=(50, 50), **experime
     return path
 
 
-def send_traffic(url, requests: int, seed: int) -> dict[str, int]:
-    """``requests`` scored exchanges from distinct users; feedback is the gold-label match. Returns answers per arm."""
+def send_traffic(url, requests: int, seed: int, feedback: bool = True) -> dict[str, int]:
+    """``requests`` exchanges from distinct users, scored by the gold label unless ``feedback`` is off. Returns answers per arm."""
     rng = random.Random(seed)
     per_arm: dict[str, int] = {}
     for i in range(requests):
@@ -49,9 +51,10 @@ def send_traffic(url, requests: int, seed: int) -> dict[str, int]:
         assert response.status_code == 200, response.text
         arm = response.headers["x-stillhouse-arm"]
         per_arm[arm] = per_arm.get(arm, 0) + 1
-        score = {"request_id": response.headers["x-request-id"], "metric": "correct",
-                 "value": response.json()["generated_text"] == gold}
-        assert CLIENT.post(f"{url}/feedback", json=score).status_code == 200
+        if feedback:
+            score = {"request_id": response.headers["x-request-id"], "metric": "correct",
+                     "value": response.json()["generated_text"] == gold}
+            assert CLIENT.post(f"{url}/feedback", json=score).status_code == 200
     return per_arm
 
 
@@ -117,6 +120,23 @@ def test_an_a_a_test_does_not_promote(tmp_path):
     assert result.verdict in (analysis.CONTINUE, analysis.INCONCLUSIVE), result.reasons
 
 
+def test_an_output_check_decides_before_any_feedback(tmp_path):
+    control, candidate = Labeller(0.7, seed=5), Labeller(0.7, seed=6, garbage=0.3)
+    with running(control.app()) as control_app, running(candidate.app()) as candidate_app:
+        config_path = write_traffic(tmp_path / "traffic.yaml", control_app.url, candidate_app.url, primary="valid_output")
+        with running_router(config_path) as (url, _):
+            store = SnapshotStore(tmp_path / "snapshots.jsonl")
+            start = time.time()
+            store.scrape(f"{url}/metrics")
+            answered = send_traffic(url, 300, seed=5, feedback=False)
+            store.scrape(f"{url}/metrics")
+            result = analyse(config_path, store, start, time.time())
+    primary = result.metrics[0]
+    assert primary.name == "valid_output" and primary.control == 1.0 and primary.candidate < 0.85
+    assert result.verdict == analysis.ROLLBACK and "valid_output is worse" in result.reasons[0]
+    assert sum(answered.values()) == 300
+
+
 def test_a_broken_split_is_caught_and_stops_the_analysis(tmp_path, upstreams):
     (_, teacher_url), (_, student_url) = upstreams
     served = write_traffic(tmp_path / "served.yaml", teacher_url, student_url, weights=(80, 20))
@@ -171,3 +191,7 @@ def test_watch_ramps_then_rolls_back_on_a_latency_breach(tmp_path, upstreams):
     assert [entry["action"] for entry in entries] == [ADVANCE, ADVANCE, ROLLED_BACK]
     assert entries[-1]["analysis"]["verdict"] == "rollback" and entries[-1]["weight_before"] == 50
     assert HOLD not in [entry["action"] for entry in entries]
+    exported = generate_latest(watch.metrics.registry).decode()
+    assert 'stillhouse_rollout_decisions_total{action="advance",arm="student",route="sentiment"} 2.0' in exported
+    assert 'stillhouse_rollout_verdict{arm="student",route="sentiment",verdict="rollback"} 1.0' in exported
+    assert 'stillhouse_rollout_candidate_weight{arm="student",route="sentiment"} 0.0' in exported

@@ -11,7 +11,7 @@ from prometheus_client import generate_latest
 
 from monitoring import catalog
 from monitoring.catalog import Kind, MetricSpec
-from monitoring.metrics import RouterMetrics, ServerMetrics
+from monitoring.metrics import RolloutMetrics, RouterMetrics, ServerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,8 @@ def test_router_collectors_are_exactly_the_catalog():
     metrics.fallbacks.labels("r", "a", "b").inc()
     metrics.shadow.labels("r", "a", "agree").inc()
     metrics.observe_feedback("r", "a", "correct", 1.0)
-    metrics.set_config_version("abc")
+    metrics.observe_check("r", "a", "valid_output", True)
+    metrics.set_config("abc", {"r": {"a": 3, "b": 1}})
     metrics.config_reload_errors.inc()
     metrics.request_log.dropped_rows.labels("router").inc()
     families = exported(metrics.registry)
@@ -53,6 +54,22 @@ def test_router_collectors_are_exactly_the_catalog():
     assert set(families) == {spec.name for spec in expected}
     for spec in expected:
         assert families[spec.name] == (spec.kind.value, set(spec.labels), spec.help), spec.name
+
+
+def test_rollout_collectors_are_exactly_the_catalog():
+    metrics = RolloutMetrics()
+    metrics.observe_decision("r", "a", "advance", 5.0, "continue")
+    families = exported(metrics.registry)
+    assert set(families) == {spec.name for spec in catalog.ROLLOUT_METRICS}
+    for spec in catalog.ROLLOUT_METRICS:
+        assert families[spec.name] == (spec.kind.value, set(spec.labels), spec.help), spec.name
+
+
+def test_configured_weights_are_exported_as_percents():
+    metrics = RouterMetrics()
+    metrics.set_config("v1", {"r": {"a": 3, "b": 1}})
+    text = generate_latest(metrics.registry).decode()
+    assert 'stillhouse_router_arm_weight{arm="a",route="r"} 75.0' in text and 'stillhouse_router_config_info{version="v1"} 1.0' in text
 
 
 def test_feedback_sum_splits_signs_so_every_series_only_grows():
@@ -82,7 +99,7 @@ def test_bounded_labels_refuse_values_outside_their_vocabulary():
 def test_specs_follow_the_naming_rules():
     assert len(catalog.BY_NAME) == len(catalog.ALL_METRICS)
     for spec in catalog.ALL_METRICS:
-        assert re.fullmatch(r"stillhouse_(server|router|request_log)_[a-z0-9_]+", spec.name), spec.name
+        assert re.fullmatch(r"stillhouse_(server|router|request_log|rollout)_[a-z0-9_]+", spec.name), spec.name
         assert spec.help.endswith(".") and spec.component
     with pytest.raises(ValueError, match="end in _total"):
         MetricSpec("stillhouse_server_things", Kind.COUNTER, "Things.")
