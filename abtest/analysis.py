@@ -11,15 +11,16 @@ Setup → read → test → decide:
    sequence), secondary metrics with Holm / BH corrections, guardrails as non-inferiority
    margins, the samples still needed, and a verdict with its reasons in plain words.
 
-The unit of analysis is the request: with sticky per-user assignment a user's requests are
-correlated, which makes request-level intervals too narrow; the result says so.
+The unit of analysis is the request by default: with sticky per-user assignment a user's
+requests are correlated, which makes request-level intervals too narrow; the result says so, and
+``bucket_s`` tests batch means over time buckets instead.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from scipy import stats
 
@@ -27,7 +28,7 @@ from abtest.experiment import Experiment, Guardrail
 from abtest.stats import fixed, multiple, power, sequential
 from abtest.stats.result import OK, Comparison
 from abtest.stats.srm import SrmCheck, srm
-from abtest.stats.sufficient import Mean, Proportion
+from abtest.stats.sufficient import Mean, Proportion, batch_means
 from monitoring import catalog
 from monitoring.series import Series, quantile_from_buckets, window_increase
 
@@ -277,8 +278,12 @@ def analyze(
     arms: Mapping[str, ArmWindow],
     window: tuple[float, float],
     errors: list[str] | None = None,
+    unit: str = "request",
 ) -> Analysis:
-    """The verdict on ``candidate`` against ``control`` from per-arm statistics, following ``plan``."""
+    """The verdict on ``candidate`` against ``control`` from per-arm statistics, following ``plan``.
+
+    ``unit`` names what one observation of an outcome metric is (``arms``' metrics were built for it).
+    """
     a, b = arms[control], arms[candidate]
     assigned = {name: arm.assigned for name, arm in arms.items()}
     ratio = srm({name: assigned.get(name, 0) for name in weights}, weights)
@@ -302,7 +307,7 @@ def analyze(
     n = min(a.metrics.get(plan.primary, empty).n, b.metrics.get(plan.primary, empty).n)
     needed = max(planned - n, 0) if planned is not None else None
     verdict, reasons = _decide(plan, declaration, ratio, primary, guardrails, n, planned)
-    return Analysis(route, control, candidate, window, assigned, ratio, rows, planned, needed, verdict, reasons, errors=errors or [])
+    return Analysis(route, control, candidate, window, assigned, ratio, rows, planned, needed, verdict, reasons, unit, errors or [])
 
 
 def _decide(plan: Experiment, declaration: MetricDeclaration, ratio: SrmCheck, primary: MetricResult,
@@ -359,9 +364,29 @@ def pick_candidate(route, candidate: str | None) -> str:
     return serving[0]
 
 
+def batch_means_by_arm(window: Window, arms: list[str], until: float, bucket_s: float) -> dict[str, dict[str, Mean]]:
+    """Each arm's outcome metrics with one observation per time bucket: the bucket's mean (batch means)."""
+    cuts = [min(window.start + k * bucket_s, until) for k in range(1, math.ceil((until - window.start) / bucket_s) + 1)]
+    previous: dict[str, dict[str, Mean]] = {arm: {} for arm in arms}
+    buckets: dict[str, dict[str, list[Mean]]] = {arm: {} for arm in arms}
+    for cut in cuts:
+        totals = summarise(window, arms, cut)
+        for arm in arms:
+            for metric, total in totals[arm].metrics.items():
+                before = previous[arm].get(metric, Mean(0, 0.0, 0.0))
+                bucket = Mean(total.n - before.n, total.sum - before.sum, max(total.sum_squares - before.sum_squares, 0.0))
+                buckets[arm].setdefault(metric, []).append(bucket)
+            previous[arm] = totals[arm].metrics
+    return {arm: {metric: batch_means(values) for metric, values in per_metric.items()} for arm, per_metric in buckets.items()}
+
+
 def analyze_route(config, route_name: str, source, start: float, end: float, candidate: str | None = None,
-                  points: int = 0) -> tuple[Analysis, list[Analysis]]:
-    """The analysis of one route over [start, end] from ``source``, and (``points`` > 0) the same at earlier cut times."""
+                  points: int = 0, bucket_s: float | None = None) -> tuple[Analysis, list[Analysis]]:
+    """The analysis of one route over [start, end] from ``source``, and (``points`` > 0) the same at earlier cut times.
+
+    With ``bucket_s`` the outcome metrics are tested on batch means (one observation per arm per
+    bucket), which stays honest when sticky users send many correlated requests.
+    """
     route = config.routes.get(route_name)
     if route is None:
         raise ValueError(f"route {route_name!r} is not in the traffic-split file; use one of {sorted(config.routes)}")
@@ -371,10 +396,20 @@ def analyze_route(config, route_name: str, source, start: float, end: float, can
     control = route.control_arm()
     window = read_window(source, route_name, start, end)
     names = list(route.arms)
+    declarations = declarations_of(route)
+    unit = "request"
+    if bucket_s:
+        # A bucket's mean is a real number even for a boolean metric, so every metric is tested as a mean.
+        declarations = {name: MetricDeclaration("float", declaration.goal) for name, declaration in declarations.items()}
+        unit = f"bucket of {bucket_s:g} s"
 
     def at(until: float) -> Analysis:
-        return analyze(route_name, route.experiment, declarations_of(route), route.weights(), control, candidate,
-                       summarise(window, names, until), (start, until), window.errors)
+        arms = summarise(window, names, until)
+        if bucket_s:
+            means = batch_means_by_arm(window, names, until, bucket_s)
+            arms = {arm: replace(stats, metrics=means[arm]) for arm, stats in arms.items()}
+        return analyze(route_name, route.experiment, declarations, route.weights(), control, candidate, arms,
+                       (start, until), window.errors, unit)
 
     history = [at(start + (end - start) * k / points) for k in range(1, points)] if points > 1 else []
     final = at(end)
@@ -403,8 +438,9 @@ def format_text(result: Analysis) -> str:
         "",
         f"planned samples per arm: {result.planned_samples_per_arm or '—'}; still needed: "
         f"{result.samples_needed if result.samples_needed is not None else '—'}",
-        f"unit: one request per observation (sticky assignment clusters a user's requests, so intervals are optimistic "
-        f"when users send many)",
+        (f"unit: one request per observation (sticky assignment clusters a user's requests, so intervals are optimistic "
+         f"when users send many: --unit bucket tests batch means instead)" if result.unit == "request" else
+         f"unit: one {result.unit} per observation (its mean: batch means)"),
         *(f"source problem: {error}" for error in result.errors),
         "",
         f"verdict: {result.verdict.upper()}",

@@ -92,6 +92,9 @@ def _register_abtest(subparsers: argparse._SubParsersAction) -> None:
     analyze = sub.add_parser("analyze", help="SRM, metrics, guardrails and a verdict (promote, rollback, continue, inconclusive)")
     _add_source_flags(analyze)
     analyze.add_argument("--window", default="1h", help="how far back to look: 90s, 30m, 1h, 2d (default 1h)")
+    analyze.add_argument("--unit", choices=["request", "bucket"], default="request",
+                         help="one observation per request (default), or per time bucket: its mean (batch means, for sticky users)")
+    analyze.add_argument("--bucket", default="1m", help="with --unit bucket: the bucket length (default 1m)")
     analyze.add_argument("--json", action="store_true", help="print the analysis as one JSON object")
     analyze.add_argument("--html", type=Path, default=None, help="also write a self-contained HTML report with plots here")
     analyze.set_defaults(handler=_abtest_analyze)
@@ -106,15 +109,15 @@ def _register_abtest(subparsers: argparse._SubParsersAction) -> None:
     watch.set_defaults(handler=_abtest_watch)
 
 
-def parse_duration(text: str) -> float:
-    """Seconds in ``90s``, ``30m``, ``1h`` or ``2d``."""
+def parse_duration(text: str, flag: str) -> float:
+    """Seconds in ``90s``, ``30m``, ``1h`` or ``2d``; a bad value exits naming ``flag``."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
         value, unit = float(text[:-1]), units[text[-1]]
     except (ValueError, KeyError, IndexError):
-        raise SystemExit(f"--window {text!r}: write a number and a unit, e.g. 90s, 30m, 1h or 2d") from None
+        raise SystemExit(f"{flag} {text!r}: write a number and a unit, e.g. 90s, 30m, 1h or 2d") from None
     if value <= 0:
-        raise SystemExit(f"--window {text!r} must be positive")
+        raise SystemExit(f"{flag} {text!r} must be positive")
     return value * unit
 
 
@@ -161,12 +164,13 @@ def _abtest_analyze(args: argparse.Namespace) -> int:
     except config.ConfigError as error:
         print(error, file=sys.stderr)
         return 1
-    window = parse_duration(args.window)
+    window = parse_duration(args.window, "--window")
     source = _source(args)
     _look(source)
     end = time.time()
     try:
-        result, history = analyze_route(loaded, args.route, source, end - window, end, args.candidate, points=20 if args.html else 0)
+        result, history = analyze_route(loaded, args.route, source, end - window, end, args.candidate, points=20 if args.html else 0,
+                                        bucket_s=parse_duration(args.bucket, "--bucket") if args.unit == "bucket" else None)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -197,39 +197,23 @@ ROUTER_SHADOW_REQUESTS = MetricSpec(
     "stillhouse_router_shadow_requests_total", Kind.COUNTER, "Shadow calls by agreement with the served answer.",
     (*_ARM, "agreement"), {"agreement": SHADOW_AGREEMENTS}, **_ROUTER,
 )
-_METRIC = (*_ARM, "metric")
-ROUTER_FEEDBACK = SufficientStats(
-    count=MetricSpec(
-        "stillhouse_router_feedback_count_total", Kind.COUNTER, "Feedback values received (n).", _METRIC, **_ROUTER,
-    ),
-    sum_positive=MetricSpec(
-        "stillhouse_router_feedback_sum_positive_total", Kind.COUNTER,
-        "Sum of the positive feedback values (sum x = positive - negative).", _METRIC, **_ROUTER,
-    ),
-    sum_negative=MetricSpec(
-        "stillhouse_router_feedback_sum_negative_total", Kind.COUNTER,
-        "Sum of the magnitudes of the negative feedback values.", _METRIC, **_ROUTER,
-    ),
-    sum_squares=MetricSpec(
-        "stillhouse_router_feedback_sum_squares_total", Kind.COUNTER, "Sum of squared feedback values (sum x^2).", _METRIC, **_ROUTER,
-    ),
-)
-_CHECK = (*_ARM, "check")
-ROUTER_OUTPUT_CHECKS = SufficientStats(
-    count=MetricSpec(
-        "stillhouse_router_output_check_count_total", Kind.COUNTER, "Answers the route's output checks ran on (n).", _CHECK, **_ROUTER,
-    ),
-    sum_positive=MetricSpec(
-        "stillhouse_router_output_check_sum_positive_total", Kind.COUNTER, "Answers that passed the check (sum x).", _CHECK, **_ROUTER,
-    ),
-    sum_negative=MetricSpec(
-        "stillhouse_router_output_check_sum_negative_total", Kind.COUNTER, "Always 0: a check is 0 or 1 (kept for the feedback shape).",
-        _CHECK, **_ROUTER,
-    ),
-    sum_squares=MetricSpec(
-        "stillhouse_router_output_check_sum_squares_total", Kind.COUNTER, "Answers that passed, again (x^2 = x for 0/1).", _CHECK, **_ROUTER,
-    ),
-)
+
+
+def _outcome_stats(family: str, label: str, what: str) -> SufficientStats:
+    """The four counters of one outcome metric family, per route x arm x ``label``."""
+    labels = (*_ARM, label)
+    return SufficientStats(
+        count=MetricSpec(f"{family}_count_total", Kind.COUNTER, f"{what}: observations (n).", labels, **_ROUTER),
+        sum_positive=MetricSpec(f"{family}_sum_positive_total", Kind.COUNTER,
+                                f"{what}: sum of the positive values (sum x = positive - negative).", labels, **_ROUTER),
+        sum_negative=MetricSpec(f"{family}_sum_negative_total", Kind.COUNTER,
+                                f"{what}: sum of the magnitudes of the negative values.", labels, **_ROUTER),
+        sum_squares=MetricSpec(f"{family}_sum_squares_total", Kind.COUNTER, f"{what}: sum of squared values (sum x^2).", labels, **_ROUTER),
+    )
+
+
+ROUTER_FEEDBACK = _outcome_stats("stillhouse_router_feedback", "metric", "Feedback values sent to POST /feedback")
+ROUTER_OUTPUT_CHECKS = _outcome_stats("stillhouse_router_output_check", "check", "Output checks of answers (1 passed, 0 failed)")
 ROUTER_CONFIG_INFO = MetricSpec(
     "stillhouse_router_config_info", Kind.GAUGE, "1 for the loaded traffic-split version.", ("version",), **_ROUTER,
 )

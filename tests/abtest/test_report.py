@@ -74,3 +74,15 @@ def test_the_report_is_self_contained_and_renders(tmp_path):
     assert image.size == (1200, 2400)
     colours = image.getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50  # plots and text, not a blank page
+
+
+def test_batch_means_take_one_observation_per_bucket_and_arm(tmp_path):
+    store, start, end = simulated(tmp_path)
+    config = parse(CONFIG)
+    by_request, _ = analysis.analyze_route(config, "sentiment", store, start, end)
+    by_bucket, _ = analysis.analyze_route(config, "sentiment", store, start, end, bucket_s=120)
+    assert by_request.unit == "request" and by_bucket.unit == "bucket of 120 s"
+    request_row, bucket_row = by_request.metrics[0], by_bucket.metrics[0]
+    assert "n = 600 control" in request_row.detail and "n = 10 control" in bucket_row.detail  # 20 minutes / 2
+    assert bucket_row.estimate == pytest.approx(request_row.estimate)  # equal buckets: the mean of means is the mean
+    assert bucket_row.ci[1] - bucket_row.ci[0] != pytest.approx(request_row.ci[1] - request_row.ci[0])

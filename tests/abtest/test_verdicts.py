@@ -70,6 +70,16 @@ def analyse(config_path, source, start, end) -> analysis.Analysis:
     return result
 
 
+def observed(tmp_path, url, requests: int, seed: int, feedback: bool = True) -> tuple[SnapshotStore, float, dict[str, int]]:
+    """Traffic through the router at ``url`` between two snapshots of its /metrics: the store, the start, answers per arm."""
+    store = SnapshotStore(tmp_path / "snapshots.jsonl")
+    start = time.time()
+    store.scrape(f"{url}/metrics")
+    answered = send_traffic(url, requests, seed, feedback)
+    store.scrape(f"{url}/metrics")
+    return store, start, answered
+
+
 def test_the_injected_effect_is_found_from_prometheus_and_from_snapshots(tmp_path, upstreams):
     (_, teacher_url), (_, student_url) = upstreams
     config_path = write_traffic(tmp_path / "traffic.yaml", teacher_url, student_url)
@@ -110,11 +120,7 @@ def test_an_a_a_test_does_not_promote(tmp_path):
     with running(control.app()) as control_app, running(candidate.app()) as candidate_app:
         config_path = write_traffic(tmp_path / "traffic.yaml", control_app.url, candidate_app.url)
         with running_router(config_path) as (url, _):
-            store = SnapshotStore(tmp_path / "snapshots.jsonl")
-            start = time.time()
-            store.scrape(f"{url}/metrics")
-            send_traffic(url, 300, seed=1)
-            store.scrape(f"{url}/metrics")
+            store, start, _ = observed(tmp_path, url, 300, seed=1)
             result = analyse(config_path, store, start, time.time())
     assert result.srm.ok is True
     assert result.verdict in (analysis.CONTINUE, analysis.INCONCLUSIVE), result.reasons
@@ -125,11 +131,7 @@ def test_an_output_check_decides_before_any_feedback(tmp_path):
     with running(control.app()) as control_app, running(candidate.app()) as candidate_app:
         config_path = write_traffic(tmp_path / "traffic.yaml", control_app.url, candidate_app.url, primary="valid_output")
         with running_router(config_path) as (url, _):
-            store = SnapshotStore(tmp_path / "snapshots.jsonl")
-            start = time.time()
-            store.scrape(f"{url}/metrics")
-            answered = send_traffic(url, 300, seed=5, feedback=False)
-            store.scrape(f"{url}/metrics")
+            store, start, answered = observed(tmp_path, url, 300, seed=5, feedback=False)
             result = analyse(config_path, store, start, time.time())
     primary = result.metrics[0]
     assert primary.name == "valid_output" and primary.control == 1.0 and primary.candidate < 0.85
@@ -142,11 +144,7 @@ def test_a_broken_split_is_caught_and_stops_the_analysis(tmp_path, upstreams):
     served = write_traffic(tmp_path / "served.yaml", teacher_url, student_url, weights=(80, 20))
     planned = write_traffic(tmp_path / "planned.yaml", teacher_url, student_url, weights=(50, 50))
     with running_router(served) as (url, _):
-        store = SnapshotStore(tmp_path / "snapshots.jsonl")
-        start = time.time()
-        store.scrape(f"{url}/metrics")
-        send_traffic(url, 300, seed=2)
-        store.scrape(f"{url}/metrics")
+        store, start, _ = observed(tmp_path, url, 300, seed=2)
         result = analyse(planned, store, start, time.time())
     assert result.srm.ok is False and result.srm.p_value < 0.001
     assert result.verdict == analysis.ROLLBACK and "sample ratio mismatch" in result.reasons[0]
@@ -159,32 +157,30 @@ def test_watch_ramps_then_rolls_back_on_a_latency_breach(tmp_path, upstreams):
         guardrails={"latency_p95": {"max_relative_increase": 1.0}}, ramp={"steps": [20, 50, 100], "min_minutes_per_step": 0},
     )
     log = tmp_path / "decisions.jsonl"
-    with running_router(config_path) as (url, router):
-        store = SnapshotStore(tmp_path / "snapshots.jsonl")
+    with running_router(config_path) as (url, router), running_prometheus(tmp_path, [url.removeprefix("http://")]) as prometheus:
+        watch = Watch(config_path, "sentiment", PrometheusSource(prometheus), decision_log=log)
 
-        class Scraping:  # one snapshot per look, as `stillhouse abtest watch --metrics-url` takes
-            def read(self, *args, **kwargs):
-                return store.read(*args, **kwargs)
+        def at_weight(weight: float) -> None:  # the router hot-reloads the file the watch wrote
+            deadline = time.monotonic() + 10
+            while router.holder.config.routes["sentiment"].arms["student"].weight != weight:
+                assert time.monotonic() < deadline, f"the router never took weight {weight}"
+                time.sleep(0.05)
 
-        store.scrape(f"{url}/metrics")
-        watch = Watch(config_path, "sentiment", Scraping(), decision_log=log)
         assert watch.start().action == ADVANCE and watch.weight == 20
-        deadline = time.monotonic() + 10
-        while router.holder.config.routes["sentiment"].arms["student"].weight != 20 and time.monotonic() < deadline:
-            time.sleep(0.05)  # the router hot-reloads the file
+        at_weight(20)
         send_traffic(url, 250, seed=3)
-        store.scrape(f"{url}/metrics")
+        time.sleep(2.5)  # Prometheus scrapes every second: let it see the last request
         decision = watch.look()
         assert decision.action == ADVANCE and watch.weight == 50, decision.reasons
 
         student.delay_s = 0.3  # the candidate gets slow: p95 far above twice the control's
-        while router.holder.config.routes["sentiment"].arms["student"].weight != 50 and time.monotonic() < deadline + 10:
-            time.sleep(0.05)
+        at_weight(50)
         send_traffic(url, 120, seed=4)
-        store.scrape(f"{url}/metrics")
+        time.sleep(2.5)
         decision = watch.look()
         assert decision.action == ROLLED_BACK and watch.weight == 0
         assert any("latency_p95" in reason for reason in decision.reasons)
+        at_weight(0)
     written = traffic.load(config_path)
     assert written.routes["sentiment"].arms["student"].weight == 0 and written.routes["sentiment"].arms["teacher"].weight == 100
     entries = [json.loads(line) for line in log.read_text().splitlines()]

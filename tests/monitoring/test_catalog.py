@@ -26,16 +26,21 @@ def exported(registry) -> dict[str, tuple[str, set[str]]]:
     return families
 
 
+def assert_exports_exactly(registry, specs) -> None:
+    """The registry's families are ``specs``: same names, kinds, label names and help."""
+    families = exported(registry)
+    assert set(families) == {spec.name for spec in specs}
+    for spec in specs:
+        assert families[spec.name] == (spec.kind.value, set(spec.labels), spec.help), spec.name
+
+
 def test_server_collectors_are_exactly_the_catalog():
     metrics = ServerMetrics()
     metrics.observe_request("a@v1", "success", duration_s=0.1, ttft_s=0.05, prompt_tokens=3, generated_tokens=2)
     metrics.adapter_load.labels("a@v1").observe(0.2)
     metrics.queue_depth.set(1)
     metrics.resident_adapters.set(1)
-    families = exported(metrics.registry)
-    assert set(families) == {spec.name for spec in catalog.SERVER_METRICS}
-    for spec in catalog.SERVER_METRICS:
-        assert families[spec.name] == (spec.kind.value, set(spec.labels), spec.help), spec.name
+    assert_exports_exactly(metrics.registry, catalog.SERVER_METRICS)
 
 
 def test_router_collectors_are_exactly_the_catalog():
@@ -49,20 +54,13 @@ def test_router_collectors_are_exactly_the_catalog():
     metrics.set_config("abc", {"r": {"a": 3, "b": 1}})
     metrics.config_reload_errors.inc()
     metrics.request_log.dropped_rows.labels("router").inc()
-    families = exported(metrics.registry)
-    expected = [*catalog.ROUTER_METRICS, catalog.REQUEST_LOG_DROPPED_ROWS]
-    assert set(families) == {spec.name for spec in expected}
-    for spec in expected:
-        assert families[spec.name] == (spec.kind.value, set(spec.labels), spec.help), spec.name
+    assert_exports_exactly(metrics.registry, [*catalog.ROUTER_METRICS, catalog.REQUEST_LOG_DROPPED_ROWS])
 
 
 def test_rollout_collectors_are_exactly_the_catalog():
     metrics = RolloutMetrics()
     metrics.observe_decision("r", "a", "advance", 5.0, "continue")
-    families = exported(metrics.registry)
-    assert set(families) == {spec.name for spec in catalog.ROLLOUT_METRICS}
-    for spec in catalog.ROLLOUT_METRICS:
-        assert families[spec.name] == (spec.kind.value, set(spec.labels), spec.help), spec.name
+    assert_exports_exactly(metrics.registry, catalog.ROLLOUT_METRICS)
 
 
 def test_configured_weights_are_exported_as_percents():
