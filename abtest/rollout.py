@@ -139,7 +139,12 @@ class Watch:
         if decision.weight != before:
             self.weight = decision.weight
             self.step_started = self.clock()
-        self.metrics.observe_decision(self.route, self.candidate, decision.action, decision.weight, analysis.verdict if analysis else None)
+        if analysis is None:
+            self.metrics.observe_decision(self.route, self.candidate, decision.action, decision.weight)
+        else:
+            primary = next(row for row in analysis.metrics if row.role == "primary")
+            self.metrics.observe_decision(self.route, self.candidate, decision.action, decision.weight, analysis.verdict,
+                                          analysis.srm.p_value, primary.always_valid_p_value)
         if self.decision_log is not None:
             entry = {"time": self.clock(), "route": self.route, "candidate": self.candidate, "action": decision.action,
                      "weight_before": before, "weight_after": decision.weight, "dry_run": self.dry_run, "reasons": decision.reasons,

@@ -126,7 +126,9 @@ class ConfigHolder:
 
     def replace(self, config: traffic.TrafficConfig) -> None:
         self.config = config
-        self.metrics.set_config(config.version_hash, {name: route.weights() for name, route in config.routes.items()})
+        self.metrics.set_config(config.version_hash, {
+            name: {arm_name: (arm.role, arm.weight) for arm_name, arm in route.arms.items()} for name, route in config.routes.items()
+        })
 
     def poll(self) -> bool:
         """Reload when the file changed; True when a new config was taken."""

@@ -151,6 +151,10 @@ SERVER_QUEUE_DEPTH = MetricSpec(
 SERVER_RESIDENT_ADAPTERS = MetricSpec(
     "stillhouse_server_resident_adapters", Kind.GAUGE, "Adapters resident in the engine.", **_SERVER,
 )
+SERVER_INFO = MetricSpec(
+    "stillhouse_server_info", Kind.GAUGE, "1, labelled with the engine in use, the base model and the servability profile.",
+    ("engine", "model", "profile"), **_SERVER,
+)
 SERVER_ADAPTER_LOAD = MetricSpec(
     "stillhouse_server_adapter_load_seconds", Kind.HISTOGRAM, "Time to make an adapter resident.",
     ("adapter",), buckets=LOAD_BUCKETS, **_SERVER,
@@ -217,8 +221,10 @@ ROUTER_OUTPUT_CHECKS = _outcome_stats("stillhouse_router_output_check", "check",
 ROUTER_CONFIG_INFO = MetricSpec(
     "stillhouse_router_config_info", Kind.GAUGE, "1 for the loaded traffic-split version.", ("version",), **_ROUTER,
 )
+ARM_ROLES = ("control", "candidate")
 ROUTER_ARM_WEIGHT = MetricSpec(
-    "stillhouse_router_arm_weight", Kind.GAUGE, "Configured weight of each arm, as a percent of its route's traffic.", _ARM, **_ROUTER,
+    "stillhouse_router_arm_weight", Kind.GAUGE, "Configured weight of each arm, as a percent of its route's traffic.",
+    (*_ARM, "role"), {"role": ARM_ROLES}, **_ROUTER,
 )
 ROUTER_CONFIG_RELOAD_ERRORS = MetricSpec(
     "stillhouse_router_config_reload_errors_total", Kind.COUNTER, "Traffic-split files refused on reload.", **_ROUTER,
@@ -240,17 +246,25 @@ ROLLOUT_VERDICT = MetricSpec(
 ROLLOUT_WEIGHT = MetricSpec(
     "stillhouse_rollout_candidate_weight", Kind.GAUGE, "The candidate's weight the watch last set, percent.", ("route", "arm"), **_ROLLOUT,
 )
+ROLLOUT_SRM_P_VALUE = MetricSpec(
+    "stillhouse_rollout_srm_p_value", Kind.GAUGE, "Chi-square p-value of the split at the watch's latest look (below 0.001: mismatch).",
+    ("route", "arm"), **_ROLLOUT,
+)
+ROLLOUT_PRIMARY_P_VALUE = MetricSpec(
+    "stillhouse_rollout_primary_p_value", Kind.GAUGE, "Always-valid p-value of the primary metric at the watch's latest look.",
+    ("route", "arm"), **_ROLLOUT,
+)
 
 SERVER_METRICS = (
     SERVER_REQUESTS, SERVER_REQUEST_DURATION, SERVER_TIME_TO_FIRST_TOKEN, SERVER_PROMPT_TOKENS, SERVER_GENERATED_TOKENS,
-    SERVER_QUEUE_DEPTH, SERVER_RESIDENT_ADAPTERS, SERVER_ADAPTER_LOAD,
+    SERVER_QUEUE_DEPTH, SERVER_RESIDENT_ADAPTERS, SERVER_ADAPTER_LOAD, SERVER_INFO,
 )
 ROUTER_METRICS = (
     ROUTER_REQUESTS, ROUTER_REQUEST_DURATION, ROUTER_TIME_TO_FIRST_TOKEN, ROUTER_PROMPT_TOKENS, ROUTER_GENERATED_TOKENS,
     ROUTER_UPSTREAM_ERRORS, ROUTER_FALLBACKS, ROUTER_SHADOW_REQUESTS, *ROUTER_FEEDBACK.specs, *ROUTER_OUTPUT_CHECKS.specs, ROUTER_ARM_WEIGHT, ROUTER_CONFIG_INFO,
     ROUTER_CONFIG_RELOAD_ERRORS,
 )
-ROLLOUT_METRICS = (ROLLOUT_DECISIONS, ROLLOUT_VERDICT, ROLLOUT_WEIGHT)
+ROLLOUT_METRICS = (ROLLOUT_DECISIONS, ROLLOUT_VERDICT, ROLLOUT_WEIGHT, ROLLOUT_SRM_P_VALUE, ROLLOUT_PRIMARY_P_VALUE)
 #: every metric, in the order the documentation lists them
 ALL_METRICS = (*SERVER_METRICS, REQUEST_LOG_DROPPED_ROWS, *ROUTER_METRICS, *ROLLOUT_METRICS)
 BY_NAME = {spec.name: spec for spec in ALL_METRICS}

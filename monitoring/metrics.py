@@ -38,6 +38,12 @@ class ServerMetrics:
         self.queue_depth = collector(catalog.SERVER_QUEUE_DEPTH, r)
         self.resident_adapters = collector(catalog.SERVER_RESIDENT_ADAPTERS, r)
         self.adapter_load = collector(catalog.SERVER_ADAPTER_LOAD, r)
+        self.info = collector(catalog.SERVER_INFO, r)
+
+    def set_info(self, engine: str, model: str, profile: str) -> None:
+        """Export what this server runs: dashboards show it beside the numbers."""
+        self.info.clear()
+        self.info.labels(engine, model, profile).set(1)
 
     def observe_request(
         self,
@@ -136,30 +142,41 @@ class RouterMetrics:
         negative.inc(0.0)
         squares.inc(float(passed))
 
-    def set_config(self, version: str, weights: dict[str, dict[str, float]]) -> None:
-        """Export ``version`` as the only loaded config, and each route's arm weights as percents."""
+    def set_config(self, version: str, arms: dict[str, dict[str, tuple[str, float]]]) -> None:
+        """Export ``version`` as the only loaded config, and each arm's role and weight (percent of its route)."""
         self.config_info.clear()
         self.config_info.labels(version).set(1)
         self.arm_weight.clear()
-        for route, arms in weights.items():
-            total = sum(arms.values()) or 1.0
-            for arm, weight in arms.items():
-                self.arm_weight.labels(route, arm).set(100.0 * weight / total)
+        for route, by_arm in arms.items():
+            total = sum(weight for _, weight in by_arm.values()) or 1.0
+            for arm, (role, weight) in by_arm.items():
+                catalog.ROUTER_ARM_WEIGHT.check_value("role", role)
+                self.arm_weight.labels(route, arm, role).set(100.0 * weight / total)
 
 
 class RolloutMetrics:
-    """What `stillhouse abtest watch` decided, for dashboards and alerts."""
+    """What `stillhouse abtest watch` decided and saw, for dashboards and alerts."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         self.decisions = collector(catalog.ROLLOUT_DECISIONS, self.registry)
         self.verdict = collector(catalog.ROLLOUT_VERDICT, self.registry)
         self.weight = collector(catalog.ROLLOUT_WEIGHT, self.registry)
+        self.srm_p_value = collector(catalog.ROLLOUT_SRM_P_VALUE, self.registry)
+        self.primary_p_value = collector(catalog.ROLLOUT_PRIMARY_P_VALUE, self.registry)
 
-    def observe_decision(self, route: str, arm: str, action: str, weight: float, verdict: str | None) -> None:
+    def observe_decision(self, route: str, arm: str, action: str, weight: float, verdict: str | None = None,
+                         srm_p_value: float | None = None, primary_p_value: float | None = None) -> None:
+        """One decision of the watch, with the look's verdict and p-values when it analysed traffic."""
         catalog.ROLLOUT_DECISIONS.check_value("action", action)
+        for known in catalog.ROLLOUT_ACTIONS:  # every action's series exists from the first decision on, at 0 until taken
+            self.decisions.labels(route, arm, known)
         self.decisions.labels(route, arm, action).inc()
         self.weight.labels(route, arm).set(weight)
         if verdict is not None:
             for name in catalog.VERDICTS:
                 self.verdict.labels(route, arm, name).set(1.0 if name == verdict else 0.0)
+        if srm_p_value is not None:
+            self.srm_p_value.labels(route, arm).set(srm_p_value)
+        if primary_p_value is not None:
+            self.primary_p_value.labels(route, arm).set(primary_p_value)

@@ -61,6 +61,7 @@ def create_app(service: Service) -> FastAPI:
             dropped = RequestLogMetrics(service.metrics.registry).dropped_rows.labels("server")
             service.request_log = RequestLog.open(service.settings.request_log, on_drop=dropped.inc)
         await service.engine.start()
+        service.metrics.set_info(type(service.engine).__name__, service.engine.model_name, service.settings.profile)
         app.state.ready = True
         try:
             yield

@@ -10,9 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import yaml
 
 from monitoring.prometheus import Prometheus
+from monitoring.scrape_config import write_local_config
 from serving.loopback import free_port
 
 
@@ -28,16 +28,16 @@ def require_prometheus() -> str:
 
 
 @contextmanager
-def running_prometheus(tmp_path: Path, targets: list[str], scrape_interval_ms: int = 1000):
-    """Start Prometheus scraping ``targets`` (host:port) every ``scrape_interval_ms``; yield its client."""
+def running_prometheus(tmp_path: Path, targets: list[str] | dict[str, list[str]], scrape_interval_ms: int = 1000):
+    """Start Prometheus with the shipped rules, scraping ``targets`` every ``scrape_interval_ms``; yield its client.
+
+    ``targets`` maps scrape jobs (``monitoring.rules.JOBS``) to host:port lists; a plain list is the router's job.
+    """
     binary = require_prometheus()
     port = free_port()
-    config = {
-        "global": {"scrape_interval": f"{scrape_interval_ms}ms", "evaluation_interval": f"{scrape_interval_ms}ms"},
-        "scrape_configs": [{"job_name": "stillhouse", "static_configs": [{"targets": targets}]}],
-    }
-    config_path = tmp_path / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(config))
+    jobs = targets if isinstance(targets, dict) else {"stillhouse-router": targets}
+    config_path = write_local_config(tmp_path / "prometheus.yml", jobs, f"{scrape_interval_ms}ms")
+    targets = [host for hosts in jobs.values() for host in hosts]
     log = (tmp_path / "prometheus.log").open("w")
     process = subprocess.Popen(
         [binary, f"--config.file={config_path}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",

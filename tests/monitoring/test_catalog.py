@@ -40,6 +40,7 @@ def test_server_collectors_are_exactly_the_catalog():
     metrics.adapter_load.labels("a@v1").observe(0.2)
     metrics.queue_depth.set(1)
     metrics.resident_adapters.set(1)
+    metrics.set_info("TorchEngine", "tiny", "strict")
     assert_exports_exactly(metrics.registry, catalog.SERVER_METRICS)
 
 
@@ -51,7 +52,7 @@ def test_router_collectors_are_exactly_the_catalog():
     metrics.shadow.labels("r", "a", "agree").inc()
     metrics.observe_feedback("r", "a", "correct", 1.0)
     metrics.observe_check("r", "a", "valid_output", True)
-    metrics.set_config("abc", {"r": {"a": 3, "b": 1}})
+    metrics.set_config("abc", {"r": {"a": ("control", 3), "b": ("candidate", 1)}})
     metrics.config_reload_errors.inc()
     metrics.request_log.dropped_rows.labels("router").inc()
     assert_exports_exactly(metrics.registry, [*catalog.ROUTER_METRICS, catalog.REQUEST_LOG_DROPPED_ROWS])
@@ -59,15 +60,15 @@ def test_router_collectors_are_exactly_the_catalog():
 
 def test_rollout_collectors_are_exactly_the_catalog():
     metrics = RolloutMetrics()
-    metrics.observe_decision("r", "a", "advance", 5.0, "continue")
+    metrics.observe_decision("r", "a", "advance", 5.0, "continue", srm_p_value=0.4, primary_p_value=0.2)
     assert_exports_exactly(metrics.registry, catalog.ROLLOUT_METRICS)
 
 
 def test_configured_weights_are_exported_as_percents():
     metrics = RouterMetrics()
-    metrics.set_config("v1", {"r": {"a": 3, "b": 1}})
+    metrics.set_config("v1", {"r": {"a": ("control", 3), "b": ("candidate", 1)}})
     text = generate_latest(metrics.registry).decode()
-    assert 'stillhouse_router_arm_weight{arm="a",route="r"} 75.0' in text and 'stillhouse_router_config_info{version="v1"} 1.0' in text
+    assert 'stillhouse_router_arm_weight{arm="a",role="control",route="r"} 75.0' in text and 'stillhouse_router_config_info{version="v1"} 1.0' in text
 
 
 def test_feedback_sum_splits_signs_so_every_series_only_grows():
