@@ -94,12 +94,12 @@ def quantile(q: float, spec: MetricSpec, window: str, by: Iterable[str] = (), **
     return f"histogram_quantile({q}, {_windowed('rate', spec, window, by, 'bucket', matchers)})"
 
 
-def instant(spec: MetricSpec, by: Iterable[str] = (), aggregation: str = "sum", **matchers: str) -> str:
-    """A gauge (or any series) as it is now, aggregated by ``by``."""
+def instant(spec: MetricSpec, by: Iterable[str] = (), aggregation: str = "sum", series: str | None = None, **matchers: str) -> str:
+    """A gauge (or any series, e.g. a histogram's ``sum``) as it is now, aggregated by ``by``."""
     by = list(by)
     _by(spec, by)
     grouping = f" by ({', '.join(by)})" if by else ""
-    return f"{aggregation}{grouping} ({selector(spec, **matchers)})"
+    return f"{aggregation}{grouping} ({selector(spec, series, **matchers)})"
 
 
 def raw(spec: MetricSpec, series: str | None = None, **matchers: str) -> str:
