@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
+import yaml
 
 from abtest import config as traffic
+from tests.binaries import require
 from training.config import load_config
 from training.task import load_task
 
@@ -20,10 +23,29 @@ def _run_config(path: Path) -> None:
     load_task(load_config(path).task)
 
 
+def _promtool(*command: str):
+    def check(path: Path) -> None:
+        result = subprocess.run([require("promtool", "prometheus"), *command, str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+    return check
+
+
+def _grafana_provisioning(key: str):
+    def check(path: Path) -> None:
+        document = yaml.safe_load(path.read_text())
+        assert document["apiVersion"] == 1 and document[key], f"{path}: a Grafana provisioning file lists {key}"
+    return check
+
+
 LOADERS = {
     "training/tasks/*.yaml": load_task,
     "training/examples/*.yaml": _run_config,
     "abtest/examples/*.yaml": traffic.load,
+    "monitoring/prometheus/prometheus.yml": _promtool("check", "config"),
+    "monitoring/prometheus/rules/*.rules.yml": _promtool("check", "rules"),
+    "monitoring/prometheus/tests/*.test.yml": _promtool("test", "rules"),
+    "monitoring/grafana/provisioning/datasources/*.yml": _grafana_provisioning("datasources"),
+    "monitoring/grafana/provisioning/dashboards/*.yml": _grafana_provisioning("providers"),
 }
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 
 import numpy as np
@@ -17,6 +15,7 @@ from abtest.config import parse
 from abtest.report import write_html
 from monitoring.metrics import RouterMetrics
 from monitoring.snapshots import SnapshotStore, parse as parse_metrics
+from tests.binaries import require
 
 CONFIG = {
     "version": 1, "salt": "report",
@@ -58,11 +57,7 @@ def test_the_report_is_self_contained_and_renders(tmp_path):
     assert text.count("<svg") == 3 and "Verdict: promote" in text
     assert not re.findall(r'(?:src|href)="(?:https?:)?//', text) and "<link" not in text  # nothing loads from elsewhere
 
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is not installed: `apt-get install chromium` (.ci/run does)")
-        pytest.skip("chromium is not installed")
+    chromium = require("chromium", "chromium")
     shot = tmp_path / "report.png"
     subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from monitoring.prometheus import Prometheus
 from monitoring.scrape_config import write_local_config
 from serving.loopback import free_port
-
-
-def require_prometheus() -> str:
-    """The prometheus binary; under CI its absence fails the test instead of skipping it."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        message = "prometheus is not installed: `apt-get install prometheus` (.ci/run does)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
+from tests.binaries import require
 
 
 @contextmanager
@@ -33,7 +19,7 @@ def running_prometheus(tmp_path: Path, targets: list[str] | dict[str, list[str]]
 
     ``targets`` maps scrape jobs (``monitoring.rules.JOBS``) to host:port lists; a plain list is the router's job.
     """
-    binary = require_prometheus()
+    binary = require("prometheus", "prometheus")
     port = free_port()
     jobs = targets if isinstance(targets, dict) else {"stillhouse-router": targets}
     config_path = write_local_config(tmp_path / "prometheus.yml", jobs, f"{scrape_interval_ms}ms")

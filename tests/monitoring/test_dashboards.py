@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import yaml
 from monitoring import dashboards, rules
 from monitoring.dashboards.panel import DATASOURCE_UID
 from stillhouse import main
+from tests.binaries import require
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "monitoring" / "prometheus"
@@ -54,12 +53,7 @@ def test_provisioning_points_at_the_datasource_and_the_dashboards():
 
 
 def promtool() -> str:
-    binary = shutil.which("promtool")
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is not installed: `apt-get install prometheus` (.ci/run does)")
-        pytest.skip("promtool is not installed")
-    return binary
+    return require("promtool", "prometheus")
 
 
 def test_promtool_accepts_the_config_and_the_rules():
