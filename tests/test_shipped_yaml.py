@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from abtest import config as traffic
+from tests.deploy import compose_file, manifests
+from tests.deploy.tools import promtool_check
 from training.config import load_config
 from training.task import load_task
 
@@ -24,6 +26,11 @@ LOADERS = {
     "training/tasks/*.yaml": load_task,
     "training/examples/*.yaml": _run_config,
     "abtest/examples/*.yaml": traffic.load,
+    "deploy/compose/compose.yaml": compose_file.validate,
+    "deploy/compose/prometheus.yml": lambda path: promtool_check("config", path),
+    "deploy/compose/traffic/*.yaml": traffic.load,
+    "deploy/k8s/base/traffic.yaml": traffic.load,  # also checked as the ConfigMap it becomes
+    "deploy/k8s/*.yaml": manifests.check,
 }
 
 
