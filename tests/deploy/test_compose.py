@@ -138,3 +138,15 @@ def test_grafana_reads_provisioning_and_dashboards(compose):
     assert mounts["/var/lib/grafana/dashboards"].endswith("monitoring/dashboards/json")
     assert mounts["/etc/grafana/provisioning/datasources"].endswith("monitoring/grafana/provisioning/datasources")
     assert mounts["/etc/grafana/provisioning/dashboards"].endswith("monitoring/grafana/provisioning/dashboards")
+
+
+def test_grafana_datasources_reach_the_compose_prometheus(compose):
+    grafana = compose["services"]["grafana"]
+    folder = REPO / "monitoring" / "grafana" / "provisioning" / "datasources"
+    # Grafana interpolates $NAME / ${NAME} in provisioning files from its environment.
+    datasources = [
+        source
+        for path in sorted(folder.glob("*.y*ml"))
+        for source in compose_file.interpolate(yaml.safe_load(path.read_text()), grafana["environment"]).get("datasources", [])
+    ]
+    assert all(s["url"] == "http://prometheus:9090" for s in datasources if s.get("type") == "prometheus"), datasources

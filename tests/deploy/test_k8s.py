@@ -5,11 +5,14 @@ disruption budget, the hot-reloaded traffic split, secrets, scraping, and vLLM's
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
 
 from abtest import config as traffic
+from abtest.router import ConfigHolder
+from monitoring.metrics import RouterMetrics
 from tests.deploy import manifests
 from tests.deploy.engine_flags import VLLM_IMAGE, check_vllm_behind_server, flags
 from tests.deploy.manifests import K8S_DIR, OVERLAYS
@@ -79,6 +82,28 @@ def test_router_hot_reloads_the_traffic_split_configmap(rendered, tmp_path):
     services = {name for kind, name in _by_kind(rendered) if kind == "Service"}
     upstreams = {split.default_upstream, *(arm.upstream for route in split.routes.values() for arm in route.arms.values())}
     assert upstreams == {"http://stillhouse-server:8080"} and "stillhouse-server" in services
+
+
+def _configmap_volume(folder: Path, files: dict[str, str], version: int) -> None:
+    """Write ``files`` as the kubelet updates a ConfigMap volume: a new folder, then one symlink swapped atomically."""
+    data = folder / f"..{version}"
+    data.mkdir()
+    for name, text in files.items():
+        (data / name).write_text(text)
+        if not (folder / name).is_symlink():
+            (folder / name).symlink_to(Path("..data") / name)
+    (folder / "..data_tmp").symlink_to(data.name)
+    os.replace(folder / "..data_tmp", folder / "..data")
+
+
+def test_router_reloads_a_configmap_update(rendered, tmp_path):
+    text = next(r for r in rendered if r["kind"] == "ConfigMap")["data"]["traffic.yaml"]
+    _configmap_volume(tmp_path, {"traffic.yaml": text}, 1)
+    holder = ConfigHolder(tmp_path / "traffic.yaml", RouterMetrics())
+    before = holder.config.version_hash
+    _configmap_volume(tmp_path, {"traffic.yaml": text.replace("weight: 0", "weight: 10")}, 2)
+    assert holder.poll() and holder.config.version_hash != before
+    assert holder.config.routes["sentiment"].arms["student"].weight == 10
 
 
 def test_request_log_and_tokens_come_from_the_secret(rendered):
