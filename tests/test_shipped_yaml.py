@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import pytest
 import yaml
 
 from abtest import config as traffic
-from tests.binaries import require
+from tests.binaries import promtool
+from tests.deploy import compose_file, manifests
 from training.config import load_config
 from training.task import load_task
 
@@ -24,10 +24,7 @@ def _run_config(path: Path) -> None:
 
 
 def _promtool(*command: str):
-    def check(path: Path) -> None:
-        result = subprocess.run([require("promtool", "prometheus"), *command, str(path)], capture_output=True, text=True)
-        assert result.returncode == 0, result.stdout + result.stderr
-    return check
+    return lambda path: promtool(*command, path)
 
 
 def _grafana_provisioning(key: str):
@@ -46,6 +43,11 @@ LOADERS = {
     "monitoring/prometheus/tests/*.test.yml": _promtool("test", "rules"),
     "monitoring/grafana/provisioning/datasources/*.yml": _grafana_provisioning("datasources"),
     "monitoring/grafana/provisioning/dashboards/*.yml": _grafana_provisioning("providers"),
+    "deploy/compose/compose.yaml": compose_file.validate,
+    "deploy/compose/prometheus.yml": _promtool("check", "config"),
+    "deploy/compose/traffic/*.yaml": traffic.load,
+    "deploy/k8s/base/traffic.yaml": traffic.load,  # also checked as the ConfigMap it becomes
+    "deploy/k8s/*.yaml": manifests.check,
 }
 
 

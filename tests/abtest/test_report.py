@@ -15,7 +15,7 @@ from abtest.config import parse
 from abtest.report import write_html
 from monitoring.metrics import RouterMetrics
 from monitoring.snapshots import SnapshotStore, parse as parse_metrics
-from tests.binaries import require
+from tests.binaries import CHROMIUM_PACKAGE, require
 
 CONFIG = {
     "version": 1, "salt": "report",
@@ -57,7 +57,7 @@ def test_the_report_is_self_contained_and_renders(tmp_path):
     assert text.count("<svg") == 3 and "Verdict: promote" in text
     assert not re.findall(r'(?:src|href)="(?:https?:)?//', text) and "<link" not in text  # nothing loads from elsewhere
 
-    chromium = require("chromium", "chromium")
+    chromium = require("chromium", CHROMIUM_PACKAGE)
     shot = tmp_path / "report.png"
     subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -13,7 +13,7 @@ import pytest
 
 from monitoring.prometheus import Prometheus
 from serving.loopback import free_port
-from tests.binaries import require
+from tests.binaries import PROMETHEUS_PACKAGE, require
 
 
 def up(tmp_path, *ports: int) -> list[str]:
@@ -33,7 +33,7 @@ def test_a_taken_port_is_named(tmp_path):
 
 
 def test_the_stack_starts_answers_and_stops(tmp_path):
-    require("prometheus", "prometheus")
+    require("prometheus", PROMETHEUS_PACKAGE)
     ports = free_port(), free_port(), free_port()
     process = subprocess.Popen(up(tmp_path, *ports), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

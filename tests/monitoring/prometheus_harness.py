@@ -10,7 +10,7 @@ from pathlib import Path
 from monitoring.prometheus import Prometheus
 from monitoring.scrape_config import write_local_config
 from serving.loopback import free_port
-from tests.binaries import require
+from tests.binaries import PROMETHEUS_PACKAGE, require
 
 
 @contextmanager
@@ -19,7 +19,7 @@ def running_prometheus(tmp_path: Path, targets: list[str] | dict[str, list[str]]
 
     ``targets`` maps scrape jobs (``monitoring.rules.JOBS``) to host:port lists; a plain list is the router's job.
     """
-    binary = require("prometheus", "prometheus")
+    binary = require("prometheus", PROMETHEUS_PACKAGE)
     port = free_port()
     jobs = targets if isinstance(targets, dict) else {"stillhouse-router": targets}
     config_path = write_local_config(tmp_path / "prometheus.yml", jobs, f"{scrape_interval_ms}ms")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import yaml
 from monitoring import dashboards, rules
 from monitoring.dashboards.panel import DATASOURCE_UID
 from stillhouse import main
-from tests.binaries import require
+from tests.binaries import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "monitoring" / "prometheus"
@@ -52,20 +51,14 @@ def test_provisioning_points_at_the_datasource_and_the_dashboards():
     assert provider["type"] == "file" and provider["options"]["path"] == "/var/lib/grafana/dashboards"
 
 
-def promtool() -> str:
-    return require("promtool", "prometheus")
-
-
 def test_promtool_accepts_the_config_and_the_rules():
-    checked = subprocess.run([promtool(), "check", "config", str(PROMETHEUS_DIR / "prometheus.yml")], capture_output=True, text=True)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert f"SUCCESS: {len(rules.RECORDINGS) + len(rules.ALERTS)} rules found" in checked.stdout
+    output = promtool("check", "config", PROMETHEUS_DIR / "prometheus.yml")
+    assert f"SUCCESS: {len(rules.RECORDINGS) + len(rules.ALERTS)} rules found" in output
 
 
 def test_promtool_unit_tests_cover_every_rule():
     tests = PROMETHEUS_DIR / "tests" / "stillhouse.test.yml"
-    result = subprocess.run([promtool(), "test", "rules", str(tests)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+    promtool("test", "rules", tests)
     text = tests.read_text()
     for recording in rules.RECORDINGS:
         assert f"expr: {recording.record}\n" in text, f"no promtool test for {recording.record}"
