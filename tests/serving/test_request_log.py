@@ -10,6 +10,7 @@ import dataclasses
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -212,21 +213,13 @@ def test_full_queue_drops_and_counts_without_blocking(target):
 
 def test_replicas_starting_at_once_create_the_schema_once(postgres_url):
     barrier = threading.Barrier(8)
-    opened, errors = [], []
 
-    def start():
-        barrier.wait()
-        try:
-            opened.append(PostgresStore(postgres_url))
-        except Exception as error:  # noqa: BLE001 (the assertion below shows it)
-            errors.append(error)
+    def start(_) -> PostgresStore:
+        barrier.wait()  # all eight connect and create the schema at the same moment
+        return PostgresStore(postgres_url)
 
-    threads = [threading.Thread(target=start) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == [] and len(opened) == 8
+    with ThreadPoolExecutor(8) as pool:
+        opened = list(pool.map(start, range(8)))  # re-raises any thread's error
     opened[0].write([exchange()], [])
     assert all(len(store.query()) == 1 for store in opened)
     for store in opened:
