@@ -163,7 +163,7 @@ def _logged_rows(task: Task, data: DataConfig, target: str) -> list[Row]:
         where = parse_target(target)
         store = open_store(where) if not isinstance(where, Path) or where.is_file() else None
     except RequestLogError as error:
-        raise DatasetError(f"data.source request-log:{target}: {error}") from error
+        raise DatasetError(f"data.source: {error}") from error  # the message names the target, its password masked
     if store is None:
         raise DatasetError(f"data.source request-log:{target}: no such file; pass the SQLite file or the postgresql:// URL `stillhouse serve|route --request-log` writes")
     selection = data.log_filter

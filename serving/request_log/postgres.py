@@ -36,10 +36,10 @@ _CONNECT_DEFAULTS = {"connect_timeout": "5", "tcp_user_timeout": "10000", "appli
 _RECONNECT_INTERVAL_S = 1.0
 
 
-def redacted(url: str) -> str:
-    """``url`` with its password masked, for messages and logs."""
-    url = re.sub(r"^([a-z]+://[^:/@]*):[^@/]*@", r"\1:***@", url)
-    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)
+def redacted(text: str) -> str:
+    """``text`` (a URL, or a message quoting one) with every password in it masked."""
+    text = re.sub(r"(://[^:/@\s\"']*):[^@/\s\"']*@", r"\1:***@", text)
+    return re.sub(r"([?&]password=)[^&\s\"']*", r"\1***", text)
 
 
 def connection_parameters(url: str) -> dict[str, str]:
@@ -49,7 +49,7 @@ def connection_parameters(url: str) -> dict[str, str]:
     try:
         parameters = conninfo_to_dict(url)
     except psycopg.ProgrammingError as error:
-        raise RequestLogError(f"{redacted(url)!r} is not a valid PostgreSQL URL ({str(error).strip()}); write {URL_FORM}") from error
+        raise RequestLogError(f"{redacted(url)!r} is not a valid PostgreSQL URL ({redacted(str(error).strip())}); write {URL_FORM}") from error
     port = parameters.get("port", "5432")
     if not all(part.isdigit() for part in port.split(",")):
         raise RequestLogError(f"{redacted(url)!r}: port {port!r} is not a number; write {URL_FORM}")

@@ -266,6 +266,8 @@ def test_targets_name_their_store_and_bad_ones_say_what_to_fix(tmp_path):
         ("postgresql://u:pw@h:port/db", "port 'port' is not a number"),
         ("postgresql://u@h/db?colour=blue", 'invalid URI query parameter: "colour"'),
         ("mysql://u@h/db", "mysql:// is not a request-log store"),
+        ("postgresql://u:pw@[::1/db", 'matching "]" in IPv6 host address'),
+        ("postgresql://u@h:x/db?password=pw", "port 'x' is not a number"),
     ):
         with pytest.raises(RequestLogError, match="postgresql://USER") as raised:
             parse_target(bad)

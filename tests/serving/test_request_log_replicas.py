@@ -15,6 +15,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from abtest.echo_upstream import create_echo_upstream
@@ -152,3 +153,11 @@ def test_a_router_keeps_serving_through_a_database_outage(tmp_path, postgres_ser
                 assert time.monotonic() < deadline, "the router never logged again after the database came back"
                 time.sleep(0.2)
             store.close()
+
+
+def test_the_training_source_refuses_an_unreachable_database_without_showing_its_password(tmp_path):
+    with pytest.raises(dataset.DatasetError, match=r"data.source: cannot reach the PostgreSQL database postgresql://u:\*\*\*@") as raised:
+        dataset.load_rows(TASK, DataConfig(source=f"request-log:postgresql://u:s3cret@127.0.0.1:{free_port()}/requests"))
+    assert "s3cret" not in str(raised.value)
+    with pytest.raises(dataset.DatasetError, match="no such file; pass the SQLite file or the postgresql:// URL"):
+        dataset.load_rows(TASK, DataConfig(source=f"request-log:{tmp_path / 'missing.db'}"))
