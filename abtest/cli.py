@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from serving.cli import add_request_log_flag, request_log_ready
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     route = subparsers.add_parser("route", help="run the A/B router (LoRAX + OpenAI APIs) from a traffic-split file")
@@ -24,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[k for k in os.environ.get("STILLHOUSE_API_KEYS", "").split(",") if k],
         help="a client API key callers must send as a bearer token (repeatable; default: $STILLHOUSE_API_KEYS, comma-separated)",
     )
-    route.add_argument("--request-log", type=Path, default=None, help="SQLite file recording every exchange and its feedback")
+    add_request_log_flag(route, "records every exchange and its feedback")
     route.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     route.add_argument("--reload-interval", type=float, default=1.0, help="seconds between checks of the config file")
     route.set_defaults(handler=_route)
@@ -64,6 +66,8 @@ def _route(args: argparse.Namespace) -> int:
         router = Router(settings)
     except ConfigError as error:
         print(error, file=sys.stderr)
+        return 1
+    if not request_log_ready(args.request_log):
         return 1
     print(f"routing on http://{args.host}:{args.port} (config version {router.holder.config.version_hash})", file=sys.stderr)
     # No access log: the request log records every exchange, and a line per request costs latency.

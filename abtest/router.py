@@ -70,7 +70,7 @@ class RouterSettings:
     config_path: Path
     admin_token: str | None = None
     api_keys: frozenset[str] = frozenset()  # empty: no client key needed
-    request_log: Path | None = None
+    request_log: Path | str | None = None  # a SQLite file or a postgresql:// URL
     max_body_bytes: int = 1 << 20
     reload_interval_s: float = 1.0
     max_connections: int = 512

@@ -189,8 +189,40 @@ def _add_server_flags(parser: argparse.ArgumentParser, default_port: int | None)
 def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="serve the base model and registry adapters (LoRAX + OpenAI APIs)")
     _add_server_flags(serve, default_port=8080)
-    serve.add_argument("--request-log", type=Path, default=None, help="SQLite file recording every exchange (the training data source)")
+    add_request_log_flag(serve, "records every exchange (the training data source)")
     serve.set_defaults(handler=_serve)
+
+
+def add_request_log_flag(parser: argparse.ArgumentParser, records: str) -> None:
+    """`--request-log` for `serve` and `route`: a SQLite file, or a PostgreSQL database replicas share."""
+    parser.add_argument(
+        "--request-log", type=_request_log_target, default=None, metavar="PATH|URL",
+        help=f"{records}: a SQLite file, or postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE (postgres:// too) "
+        "that several replicas share; the password may come from $PGPASSWORD or ~/.pgpass instead",
+    )  # fmt: skip
+
+
+def _request_log_target(value: str) -> Path | str:
+    from serving.request_log import RequestLogError, parse_target  # here: psycopg would slow every command's start-up
+
+    try:
+        return parse_target(value)
+    except RequestLogError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error  # argparse prints it after the flag's name
+
+
+def request_log_ready(target: Path | str | None) -> bool:
+    """Open the `--request-log` store once before serving, so a bad one fails at start-up naming the flag; prints why."""
+    if target is None:
+        return True
+    from serving.request_log import RequestLogError, open_store
+
+    try:
+        open_store(target).close()
+    except RequestLogError as error:
+        print(f"--request-log: {error}", file=sys.stderr)
+        return False
+    return True
 
 
 def _register_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -230,6 +262,8 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    if not request_log_ready(args.request_log):  # before the engine's imports: a bad flag fails in a moment
+        return 1
     from serving.server import create_app
     from serving.service import build_service
 

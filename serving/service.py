@@ -36,7 +36,7 @@ class ServerSettings:
     default_max_new_tokens: int = 256  # LoRAX uses all remaining context; on CPU that is minutes
     max_stop_sequences: int = 4
     max_input_length: int | None = None  # default: max_total_tokens - 1
-    request_log: Path | None = None  # SQLite file recording every exchange
+    request_log: Path | str | None = None  # a SQLite file or a postgresql:// URL recording every exchange
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def load_rows(task: Task, data: DataConfig) -> list[Row]:
     if source == "generator":
         return _generated_rows(task, data)
     if source.startswith("request-log:"):
-        return _logged_rows(task, data, Path(source.removeprefix("request-log:")).expanduser())
+        return _logged_rows(task, data, source.removeprefix("request-log:"))
     path = Path(source).expanduser()
     if path.is_dir():
         return _saved_dataset_rows(task, data, path)
@@ -150,18 +150,23 @@ def _saved_dataset_rows(task: Task, data: DataConfig, path: Path) -> list[Row]:
     return rows
 
 
-def _logged_rows(task: Task, data: DataConfig, path: Path) -> list[Row]:
+def _logged_rows(task: Task, data: DataConfig, target: str) -> list[Row]:
     """Successful exchanges from the request log whose prompt is this task's teacher or student prompt.
 
-    The logged output is the teacher's answer; a prompt that matches neither template keeps empty
-    inputs, so curation drops it as ``missing_input`` and the card counts it.
+    ``target`` is what `stillhouse serve|route --request-log` was given: a SQLite file or a
+    ``postgresql://`` URL. The logged output is the teacher's answer; a prompt that matches neither
+    template keeps empty inputs, so curation drops it as ``missing_input`` and the card counts it.
     """
-    from serving.request_log import SQLiteStore
+    from serving.request_log import RequestLogError, open_store, parse_target
 
-    if not path.is_file():
-        raise DatasetError(f"data.source request-log:{path}: no such file; pass the SQLite file `stillhouse serve --request-log` writes")
+    try:
+        where = parse_target(target)
+        store = open_store(where) if not isinstance(where, Path) or where.is_file() else None
+    except RequestLogError as error:
+        raise DatasetError(f"data.source: {error}") from error  # the message names the target, its password masked
+    if store is None:
+        raise DatasetError(f"data.source request-log:{target}: no such file; pass the SQLite file or the postgresql:// URL `stillhouse serve|route --request-log` writes")
     selection = data.log_filter
-    store = SQLiteStore(path)
     try:
         logged = store.query(
             route=selection.route,
