@@ -163,7 +163,8 @@ SERVER_ADAPTER_LOAD = MetricSpec(
 # --- request log (both components) ---------------------------------------------------------
 
 REQUEST_LOG_DROPPED_ROWS = MetricSpec(
-    "stillhouse_request_log_dropped_rows_total", Kind.COUNTER, "Request-log rows dropped because the writer fell behind.",
+    "stillhouse_request_log_dropped_rows_total", Kind.COUNTER,
+    "Request-log rows dropped: the writer fell behind, or the store refused a batch (e.g. the database is down).",
     ("component",), {"component": REQUEST_LOG_COMPONENTS}, component="server, router",
 )
 

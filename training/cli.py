@@ -17,7 +17,7 @@ _COMMON = {
     "--runs-dir": ("runs_dir", str, "where run directories live (default ./runs)"),
 }
 _DATA = {
-    "--source": ("data.source", str, "generator, a .jsonl/.csv file, a saved HF datasets directory, or request-log:PATH"),
+    "--source": ("data.source", str, "generator, a .jsonl/.csv file, a saved HF datasets directory, or request-log:PATH / request-log:postgresql://..."),
     "--train-size": ("data.train_size", int, "rows the task generator makes for training"),
     "--test-size": ("data.test_size", int, "held-out rows the task generator makes"),
     "--data-seed": ("data.seed", int, "seed of the generator and the split"),

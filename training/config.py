@@ -37,7 +37,7 @@ class LogFilter(_Strict):
 class DataConfig(_Strict):
     """Where rows come from and how they are split."""
 
-    source: str = "generator"  # "generator" (the task's), a .jsonl / .csv file, a saved HF datasets directory, or request-log:PATH
+    source: str = "generator"  # "generator" (the task's), a .jsonl / .csv file, a saved HF datasets directory, or request-log:PATH (a SQLite file or a postgresql:// URL)
     log_filter: LogFilter = Field(default_factory=LogFilter)
     output_field: str = "output"  # column holding the teacher's output, when the source has one
     gold_field: str = "label"  # column holding a gold label, when the source has one
