@@ -129,6 +129,9 @@ class ConfigHolder:
         self.metrics.set_config(config.version_hash, {
             name: {arm_name: (arm.role, arm.weight) for arm_name, arm in route.arms.items()} for name, route in config.routes.items()
         })
+        for name, route in config.routes.items():
+            self.metrics.initialise_route(name, list(route.arms), route.fallback_arm(), [shadow.arm for shadow in route.shadow],
+                                          list(route.metrics), list(route.checks))
 
     def poll(self) -> bool:
         """Reload when the file changed; True when a new config was taken."""

@@ -154,6 +154,33 @@ class RouterMetrics:
                 self.arm_weight.labels(route, arm, role).set(100.0 * weight / total)
 
 
+    def initialise_route(self, route: str, arms: list[str], fallback: str | None, shadows: list[str],
+                         metrics: list[str], checks: list[str]) -> None:
+        """Create every series a route can have at 0, so the first event already shows in ``rate()``.
+
+        prometheus-client creates a labelled series at its first increment, and a series whose first
+        sample is already 1 never shows that increment in a windowed function.
+        """
+        for arm in arms:
+            for outcome in catalog.ROUTER_OUTCOMES:
+                self.requests.labels(route, arm, outcome)
+            for reason in catalog.UPSTREAM_ERROR_REASONS:
+                self.upstream_errors.labels(route, arm, reason)
+            if fallback is not None and arm != fallback:
+                self.fallbacks.labels(route, arm, fallback)
+            for metric in metrics:
+                self.feedback_count.labels(route, arm, metric)
+                self.feedback_sum_positive.labels(route, arm, metric)
+                self.feedback_sum_negative.labels(route, arm, metric)
+                self.feedback_sum_squares.labels(route, arm, metric)
+            for check in checks:
+                for family in self.output_checks:
+                    family.labels(route, arm, check)
+        for arm in shadows:
+            for agreement in catalog.SHADOW_AGREEMENTS:
+                self.shadow.labels(route, arm, agreement)
+
+
 class RolloutMetrics:
     """What `stillhouse abtest watch` decided and saw, for dashboards and alerts."""
 

@@ -121,3 +121,16 @@ def test_every_metric_name_in_the_docs_is_in_the_catalog(document):
     known = set(catalog.BY_NAME) | histogram_series
     named = set(re.findall(r"\bstillhouse_[a-z0-9_]+", text))
     assert named <= known, f"{document} names metrics the catalog does not have: {sorted(named - known)}"
+
+
+def test_a_route_exports_every_series_at_zero_before_its_first_event():
+    metrics = RouterMetrics()
+    metrics.initialise_route("r", ["teacher", "student"], "teacher", ["mirror"], ["correct"], ["valid_output"])
+    text = generate_latest(metrics.registry).decode()
+    assert 'stillhouse_router_fallbacks_total{arm="student",fallback="teacher",route="r"} 0.0' in text
+    assert 'stillhouse_router_fallbacks_total{arm="teacher"' not in text  # the fallback arm does not fall back to itself
+    assert 'stillhouse_router_upstream_errors_total{arm="teacher",reason="connect",route="r"} 0.0' in text
+    assert 'stillhouse_router_requests_total{arm="student",outcome="fallback",route="r"} 0.0' in text
+    assert 'stillhouse_router_feedback_sum_negative_total{arm="student",metric="correct",route="r"} 0.0' in text
+    assert 'stillhouse_router_output_check_count_total{arm="teacher",check="valid_output",route="r"} 0.0' in text
+    assert 'stillhouse_router_shadow_requests_total{agreement="skipped",arm="mirror",route="r"} 0.0' in text
