@@ -34,7 +34,8 @@ def _arms_plot(result: Analysis) -> str:
     for axis, row in zip(axes[0], rows):
         for x, (arm, mean, (low, high)) in enumerate([(result.control, row.control, row.control_ci),
                                                       (result.candidate, row.candidate, row.candidate_ci)]):
-            axis.errorbar([x], [mean], yerr=[[mean - low], [high - mean]], fmt="o", capsize=6, color=f"C{x}")
+            # Clamped: at a rate of exactly 0 or 1 the interval's bound may round to just inside the mean.
+            axis.errorbar([x], [mean], yerr=[[max(mean - low, 0.0)], [max(high - mean, 0.0)]], fmt="o", capsize=6, color=f"C{x}")
         axis.set_xticks([0, 1], [result.control, result.candidate])
         axis.set_xlim(-0.6, 1.6)
         axis.set_title(f"{row.name} ({row.role})")

@@ -81,3 +81,18 @@ def test_batch_means_take_one_observation_per_bucket_and_arm(tmp_path):
     assert "n = 600 control" in request_row.detail and "n = 10 control" in bucket_row.detail  # 20 minutes / 2
     assert bucket_row.estimate == pytest.approx(request_row.estimate)  # equal buckets: the mean of means is the mean
     assert bucket_row.ci[1] - bucket_row.ci[0] != pytest.approx(request_row.ci[1] - request_row.ci[0])
+
+
+def test_a_rate_of_exactly_one_still_plots(tmp_path):
+    route = {**CONFIG["routes"]["sentiment"], "metrics": {"always": {"type": "boolean"}}, "experiment": {"primary": "always"}}
+    config = parse({**CONFIG, "routes": {"sentiment": route}})
+    metrics, store = RouterMetrics(), SnapshotStore(tmp_path / "snapshots.jsonl")
+    store.append(parse_metrics(generate_latest(metrics.registry).decode()), 0.0)
+    for arm in ("teacher", "student"):
+        for _ in range(40):
+            metrics.observe_request("sentiment", arm, "success")
+            metrics.observe_feedback("sentiment", arm, "always", 1.0)
+    store.append(parse_metrics(generate_latest(metrics.registry).decode()), 60.0)
+    result, history = analysis.analyze_route(config, "sentiment", store, 0.0, 60.0, points=3)
+    assert result.metrics[0].control == 1.0 and result.metrics[0].control_ci[1] == pytest.approx(1.0)
+    write_html(tmp_path / "report.html", result, history, config.routes["sentiment"].weights())
