@@ -89,7 +89,7 @@ def test_a_rate_of_exactly_one_still_plots(tmp_path):
     metrics, store = RouterMetrics(), SnapshotStore(tmp_path / "snapshots.jsonl")
     store.append(parse_metrics(generate_latest(metrics.registry).decode()), 0.0)
     for arm in ("teacher", "student"):
-        for _ in range(40):
+        for _ in range(300):  # Wilson's upper bound at 300 of 300 is 0.9999999999999998, just below the mean
             metrics.observe_request("sentiment", arm, "success")
             metrics.observe_feedback("sentiment", arm, "always", 1.0)
     store.append(parse_metrics(generate_latest(metrics.registry).decode()), 60.0)
