@@ -7,7 +7,8 @@ step, so the SRM check and the arms' numbers are sound) and ``decide`` picks one
   significantly worse): the candidate's weight goes to 0 at once and the watch ends;
 - ``advance``: the step has been held ``min_minutes_per_step`` and every guardrail holds: the
   candidate's weight goes to the next step (the control takes the rest);
-- ``promoted``: the last step was held and the verdict is ``promote``: the watch ends;
+- ``promoted``: the verdict is ``promote`` where the next step is 100% (full traffic leaves no
+  control to compare with, so reaching it is the promotion) or at the last step: the watch ends;
 - ``hold``: anything else (too early, guardrails not yet shown to hold).
 
 A new weight is written to the traffic-split file atomically (a temporary file, then rename), so
@@ -54,12 +55,14 @@ def decide(analysis: Analysis, steps: list[float], weight: float, held_minutes: 
     if unproven:
         return Decision(HOLD, weight, [f"guardrails {unproven} not yet shown to hold at {weight:g}%"])
     later = [step for step in steps if step > weight]
-    if later:
+    if later and later[0] < 100:
         return Decision(ADVANCE, later[0], [f"step {weight:g}% held {held_minutes:.1f} minutes with every guardrail holding",
                                             *analysis.reasons])
+    # Full traffic leaves no control to compare with: it is the promotion itself, on a promote verdict only.
     if analysis.verdict == PROMOTE:
-        return Decision(PROMOTED, weight, analysis.reasons)
-    return Decision(HOLD, weight, [f"at the last step ({weight:g}%), waiting for a promote verdict", *analysis.reasons])
+        return Decision(PROMOTED, later[0] if later else weight, analysis.reasons)
+    waiting = f"the next step ({later[0]:g}%) replaces the control" if later else f"at the last step ({weight:g}%)"
+    return Decision(HOLD, weight, [f"{waiting}: waiting for a promote verdict", *analysis.reasons])
 
 
 def write_weights(path: Path, route: str, weights: dict[str, float]) -> traffic.TrafficConfig:
