@@ -39,7 +39,9 @@ def welch(control: Mean, candidate: Mean, alpha: float = 0.05) -> Comparison:
         return Comparison(method, ZERO_VARIANCE, control.mean, candidate.mean)
     difference = candidate.mean - control.mean
     se = math.sqrt(va + vb)
-    dof = (va + vb) ** 2 / (va**2 / (control.n - 1) + vb**2 / (candidate.n - 1))
+    # Welch-Satterthwaite, scaled by the larger variance so tiny variances cannot underflow to 0 / 0.
+    a, b = va / max(va, vb), vb / max(va, vb)
+    dof = (a + b) ** 2 / (a * a / (control.n - 1) + b * b / (candidate.n - 1))
     p_value = 2 * float(stats.t.sf(abs(difference) / se, dof))
     half = float(stats.t.ppf(1 - alpha / 2, dof)) * se
     lift = relative_lift(control.mean, va, candidate.mean, vb, alpha)
