@@ -29,6 +29,7 @@ import yaml
 
 from abtest import config as traffic
 from abtest.analysis import PROMOTE, ROLLBACK, Analysis, analyze_route, pick_candidate
+from monitoring import catalog
 from monitoring.metrics import RolloutMetrics
 
 ADVANCE, HOLD, ROLLED_BACK, PROMOTED = "advance", "hold", "rollback", "promoted"
@@ -108,7 +109,7 @@ class Watch:
         self.plan = route_config.experiment
         self.decision_log = Path(decision_log) if decision_log else None
         self.step_started = self.clock()
-        self.weight = self._current_weight(config)
+        self.weight = self.share = self._current_weight(config)
 
     def _current_weight(self, config: traffic.TrafficConfig) -> float:
         arms = config.routes[self.route].arms
@@ -125,20 +126,42 @@ class Watch:
         return decision
 
     def look(self) -> Decision:
-        """Analyse the current step and act on it."""
+        """Analyse the current step (from the moment the router serves it) and act on it."""
         now = self.clock()
+        since, waiting = self._served_since(now)
+        if since is None:
+            decision = Decision(HOLD, self.weight, [waiting])
+            self._apply(decision, None)
+            return decision
         config = traffic.load(self.config_path)
-        analysis, _ = analyze_route(config, self.route, self.source, self.step_started, now, self.candidate)
-        decision = decide(analysis, self.plan.ramp.steps, self.weight, (now - self.step_started) / 60,
-                          self.plan.ramp.min_minutes_per_step)
+        analysis, _ = analyze_route(config, self.route, self.source, since, now, self.candidate)
+        decision = decide(analysis, self.plan.ramp.steps, self.weight, (now - since) / 60, self.plan.ramp.min_minutes_per_step)
         self._apply(decision, analysis)
         return decision
+
+    def _served_since(self, now: float) -> tuple[float | None, str]:
+        """When the router was first seen serving the current weight (the step's traffic starts there).
+
+        The router reloads the file within its reload interval and is scraped some seconds later;
+        counting from the file write would mix the old split's last requests into the new step's
+        and fail the SRM check. A dry run writes nothing, so its steps start at once.
+        """
+        if self.dry_run:
+            return self.step_started, ""
+        result = self.source.read(catalog.ROUTER_ARM_WEIGHT, self.step_started, now, route=self.route, arm=self.candidate)
+        if result.status in ("error", "unreachable"):
+            return None, f"cannot read the router's weights: {result.error}"
+        served = [t for series in result.series for t, value in series.points if abs(value - self.share) < 1e-6]
+        if not served:
+            return None, f"waiting until the router serves {self.share:g}% to {self.candidate} (its reload and the next scrape)"
+        return min(served), ""
 
     def _apply(self, decision: Decision, analysis: Analysis | None) -> None:
         before = self.weight
         if decision.weight != before and not self.dry_run:
             config = traffic.load(self.config_path)
-            write_weights(self.config_path, self.route, split_for(config, self.route, self.candidate, decision.weight))
+            written = write_weights(self.config_path, self.route, split_for(config, self.route, self.candidate, decision.weight))
+            self.share = self._current_weight(written)  # what the router's weight gauge will show
         if decision.weight != before:
             self.weight = decision.weight
             self.step_started = self.clock()
