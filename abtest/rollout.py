@@ -151,10 +151,13 @@ class Watch:
         result = self.source.read(catalog.ROUTER_ARM_WEIGHT, self.step_started, now, route=self.route, arm=self.candidate)
         if result.status in ("error", "unreachable"):
             return None, f"cannot read the router's weights: {result.error}"
-        served = [t for series in result.series for t, value in series.points if abs(value - self.share) < 1e-6]
-        if not served:
+        # Every router replica still exporting (its series reaches the latest point) must serve the new weight.
+        latest = max((series.points[-1][0] for series in result.series if series.points), default=None)
+        alive = [series for series in result.series if series.points and series.points[-1][0] == latest]
+        firsts = [next((t for t, value in series.points if abs(value - self.share) < 1e-6), None) for series in alive]
+        if not firsts or None in firsts:
             return None, f"waiting until the router serves {self.share:g}% to {self.candidate} (its reload and the next scrape)"
-        return min(served), ""
+        return max(firsts), ""
 
     def _apply(self, decision: Decision, analysis: Analysis | None) -> None:
         before = self.weight

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import yaml
+
 from abtest import analysis
-from abtest.rollout import ADVANCE, HOLD, PROMOTED, ROLLED_BACK, decide
+from abtest.rollout import ADVANCE, HOLD, PROMOTED, ROLLED_BACK, Watch, decide
 from abtest.stats.srm import SrmCheck
+from monitoring.prometheus import QueryResult
+from monitoring.series import Series
 
 STEPS = [1, 5, 25, 50, 100]
 
@@ -42,3 +46,31 @@ def test_full_traffic_is_the_promotion_and_needs_a_promote_verdict():
 def test_a_ramp_that_stops_below_full_traffic_promotes_at_its_last_step():
     assert decide(look(analysis.CONTINUE), [1, 10], 10, held_minutes=12, min_minutes=10).action == HOLD
     assert decide(look(analysis.PROMOTE), [1, 10], 10, held_minutes=12, min_minutes=10).action == PROMOTED
+
+
+class FixedSource:
+    """Weight series as a range query returns them: one per router replica."""
+
+    def __init__(self, *replicas: list[tuple[float, float]]):
+        self.result = QueryResult("ok", [Series("stillhouse_router_arm_weight", {"instance": str(i)}, tuple(points))
+                                         for i, points in enumerate(replicas)])
+
+    def read(self, *args, **kwargs):
+        return self.result
+
+
+def test_a_step_starts_when_every_live_replica_serves_its_weight(tmp_path):
+    traffic = {"version": 1, "salt": "s", "routes": {"r": {
+        "metrics": {"correct": {"type": "boolean"}}, "experiment": {"primary": "correct"},
+        "arms": {"c": {"role": "control", "upstream": "http://127.0.0.1:1", "weight": 50},
+                 "s": {"role": "candidate", "upstream": "http://127.0.0.1:2", "weight": 50}}}}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(traffic))
+    watch = Watch(tmp_path / "t.yaml", "r", FixedSource(), clock=lambda: 100.0)
+    assert watch.share == 50
+    watch.source = FixedSource([(100, 10), (101, 10), (102, 50), (103, 50)], [(100, 10), (101, 50), (102, 50), (103, 50)])
+    assert watch._served_since(103)[0] == 102  # the slower replica decides
+    watch.source = FixedSource([(100, 10), (101, 10), (102, 10), (103, 10)], [(100, 50), (101, 50), (102, 50), (103, 50)])
+    since, waiting = watch._served_since(103)
+    assert since is None and "waiting until the router serves 50%" in waiting
+    watch.source = FixedSource([(100, 50), (101, 50)], [(100, 10), (101, 10), (102, 50), (103, 50)])  # a replica gone before 102
+    assert watch._served_since(103)[0] == 102
