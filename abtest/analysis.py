@@ -419,7 +419,9 @@ def analyze_route(config, route_name: str, source, start: float, end: float, can
 def format_text(result: Analysis) -> str:
     """The analysis as a terminal table with the verdict and its reasons."""
     def number(value, digits=4):
-        return "—" if value is None else f"{value:.{digits}g}"
+        if value is None:
+            return "—"
+        return f"{0.0 if abs(value) < 1e-12 else value:.{digits}g}"  # float noise of equal values prints as 0
 
     seconds = result.window[1] - result.window[0]
     lines = [
