@@ -151,6 +151,10 @@ SERVER_QUEUE_DEPTH = MetricSpec(
 SERVER_RESIDENT_ADAPTERS = MetricSpec(
     "stillhouse_server_resident_adapters", Kind.GAUGE, "Adapters resident in the engine.", **_SERVER,
 )
+SERVER_ADAPTER_EVICTIONS = MetricSpec(
+    "stillhouse_server_adapter_evictions_total", Kind.COUNTER, "Adapters dropped from the engine to make room (LRU), not unloaded on request.",
+    ("adapter",), **_SERVER,
+)
 SERVER_INFO = MetricSpec(
     "stillhouse_server_info", Kind.GAUGE, "1, labelled with the engine in use, the base model and the servability profile.",
     ("engine", "model", "profile"), **_SERVER,
@@ -258,7 +262,7 @@ ROLLOUT_PRIMARY_P_VALUE = MetricSpec(
 
 SERVER_METRICS = (
     SERVER_REQUESTS, SERVER_REQUEST_DURATION, SERVER_TIME_TO_FIRST_TOKEN, SERVER_PROMPT_TOKENS, SERVER_GENERATED_TOKENS,
-    SERVER_QUEUE_DEPTH, SERVER_RESIDENT_ADAPTERS, SERVER_ADAPTER_LOAD, SERVER_INFO,
+    SERVER_QUEUE_DEPTH, SERVER_RESIDENT_ADAPTERS, SERVER_ADAPTER_LOAD, SERVER_ADAPTER_EVICTIONS, SERVER_INFO,
 )
 ROUTER_METRICS = (
     ROUTER_REQUESTS, ROUTER_REQUEST_DURATION, ROUTER_TIME_TO_FIRST_TOKEN, ROUTER_PROMPT_TOKENS, ROUTER_GENERATED_TOKENS,

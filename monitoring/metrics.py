@@ -38,6 +38,7 @@ class ServerMetrics:
         self.queue_depth = collector(catalog.SERVER_QUEUE_DEPTH, r)
         self.resident_adapters = collector(catalog.SERVER_RESIDENT_ADAPTERS, r)
         self.adapter_load = collector(catalog.SERVER_ADAPTER_LOAD, r)
+        self.adapter_evictions = collector(catalog.SERVER_ADAPTER_EVICTIONS, r)
         self.info = collector(catalog.SERVER_INFO, r)
 
     def set_info(self, engine: str, model: str, profile: str) -> None:

@@ -103,6 +103,7 @@ class Service:
     request_log: RequestLog | None = None
     _servable: set[str] = field(default_factory=set)
     _loading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _resident: set[str] = field(default_factory=set)  # as last observed, to count evictions
 
     # --- adapters --------------------------------------------------------------------
 
@@ -130,13 +131,24 @@ class Service:
             seconds = await self.engine.load_adapter(adapter)
         if seconds:
             self.metrics.adapter_load.labels(adapter.adapter_id).observe(seconds)
-        self.metrics.resident_adapters.set(len(self.engine.resident_adapters()))
+        self.observe_residency()
 
     async def unload(self, adapter_id: str) -> bool:
         canonical = self.registry.resolve(adapter_id).id
+        self.observe_residency()
         unloaded = await self.engine.unload_adapter(canonical)
-        self.metrics.resident_adapters.set(len(self.engine.resident_adapters()))
+        self.observe_residency(unloaded={canonical})
         return unloaded
+
+    def observe_residency(self, unloaded: frozenset[str] | set[str] = frozenset()) -> None:
+        """Export the resident adapters; one that left without being ``unloaded`` on request was evicted (LRU)."""
+        resident = set(self.engine.resident_adapters())
+        for adapter_id in resident - self._resident:
+            self.metrics.adapter_evictions.labels(adapter_id)  # exported at 0 from its first load on
+        for adapter_id in self._resident - resident - set(unloaded):
+            self.metrics.adapter_evictions.labels(adapter_id).inc()
+        self._resident = resident
+        self.metrics.resident_adapters.set(len(resident))
 
     # --- limits ----------------------------------------------------------------------
 

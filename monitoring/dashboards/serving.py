@@ -43,8 +43,10 @@ DASHBOARD = Dashboard(
         Panel("Generated tokens per second", "Output throughput per adapter.", "short", (
             Query(promql.rate(catalog.SERVER_GENERATED_TOKENS, RATE, by=["adapter"]), "{{adapter}}", ("adapter",)),
         )),
-        Panel("Adapter loads", "Adapter loads per second, and each adapter's mean load time since the server started.", "short", (
+        Panel("Adapter loads and evictions", "Loads and LRU evictions per second, and each adapter's mean load time since start.",
+              "short", (
             Query(promql.rate(catalog.SERVER_ADAPTER_LOAD, RATE, by=["adapter"]), "{{adapter}} loads/s", ("adapter",)),
+            Query(promql.rate(catalog.SERVER_ADAPTER_EVICTIONS, RATE, by=["adapter"]), "{{adapter}} evictions/s", ("adapter",)),
             # Loads are rare: a windowed quantile is empty most of the time, the cumulative mean is not.
             Query(promql.ratio(promql.instant(catalog.SERVER_ADAPTER_LOAD, by=["adapter"], series="sum"),
                                promql.instant(catalog.SERVER_ADAPTER_LOAD, by=["adapter"], series="count")),

@@ -42,6 +42,7 @@ def status_routes(service: Service) -> APIRouter:
     @routes.get("/metrics")
     async def metrics():
         service.metrics.queue_depth.set(engine.queue_depth())
+        service.observe_residency()  # adapters dropped when their last request ended count as evictions here
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return routes

@@ -41,6 +41,7 @@ def test_server_collectors_are_exactly_the_catalog():
     metrics.queue_depth.set(1)
     metrics.resident_adapters.set(1)
     metrics.set_info("TorchEngine", "tiny", "strict")
+    metrics.adapter_evictions.labels("a@v1").inc()
     assert_exports_exactly(metrics.registry, catalog.SERVER_METRICS)
 
 

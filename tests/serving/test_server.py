@@ -374,3 +374,17 @@ def test_per_adapter_metrics(server):
     assert "stillhouse_server_queue_depth" in text and "stillhouse_server_resident_adapters" in text
     assert 'stillhouse_server_adapter_load_seconds_count{adapter="alpha@v1"}' in text
     assert "nope" not in text  # unknown ids never become label values
+
+
+def test_lru_evictions_are_counted_and_unloads_are_not(tiny_base_dir, adapters):
+    registry_dir, _ = adapters
+    with running_server(tiny_base_dir, registry_dir, admin_token=ADMIN, max_resident_adapters=1) as (url, _):
+        client = lorax.Client(url)
+        client.generate("hello", adapter_id="alpha", max_new_tokens=2)
+        client.generate("hello", adapter_id="beta", max_new_tokens=2)  # only one fits: alpha is evicted
+        text = httpx.get(f"{url}/metrics").text
+        assert 'stillhouse_server_adapter_evictions_total{adapter="alpha@v1"} 1.0' in text
+        assert 'stillhouse_server_adapter_evictions_total{adapter="beta@v1"} 0.0' in text
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        assert httpx.post(f"{url}/admin/adapters/unload", json={"adapter_id": "beta"}, headers=auth).status_code == 200
+        assert 'stillhouse_server_adapter_evictions_total{adapter="beta@v1"} 0.0' in httpx.get(f"{url}/metrics").text
