@@ -32,9 +32,12 @@ from abtest.stats.sufficient import Mean, Proportion, batch_means
 from monitoring import catalog
 from monitoring.series import Series, quantile_from_buckets, window_increase
 
-PROMOTE, ROLLBACK, CONTINUE, INCONCLUSIVE = "promote", "rollback", "continue", "inconclusive"
+PROMOTE, ROLLBACK, CONTINUE, INCONCLUSIVE = catalog.VERDICTS  # also the label values of the verdict metric
 ERROR_OUTCOMES = ("upstream_error", "client_error")
 _PARTS = ("n", "pos", "neg", "sq")  # the order of SufficientStats.specs
+# A series whose first point is this close to the window's start existed there: both sources put a
+# present series' first point at the start, and the Prometheus API rounds times to milliseconds.
+_START_TOLERANCE_S = 0.01
 #: what the router reads for an analysis, by the ``by`` labels the numbers are grouped on
 _READS = {
     "requests": (catalog.ROUTER_REQUESTS, None, ("arm", "outcome")),
@@ -99,11 +102,10 @@ class ArmWindow:
 def summarise(window: Window, arms: list[str], until: float | None = None) -> dict[str, ArmWindow]:
     """Per-arm statistics from the window's start to ``until`` (its end by default)."""
     until = window.end if until is None else until
-    step = (window.end - window.start) / 500
 
     def grouped(key: str) -> dict[tuple[str, ...], float]:
         cut = [Series(s.name, s.labels, tuple(p for p in s.points if p[0] <= until)) for s in window.series.get(key, [])]
-        return window_increase(cut, window.start, _READS[key][2], step)
+        return window_increase(cut, window.start, _READS[key][2], _START_TOLERANCE_S)
 
     requests, fallbacks = grouped("requests"), grouped("fallbacks")
     outcome_stats = [{part: grouped(f"{kind}_{part}") for part in _PARTS} for kind in ("feedback", "check")]
@@ -149,6 +151,8 @@ class MetricResult:
 
 @dataclass(frozen=True)
 class Analysis:
+    """The verdict on one candidate against the control, with every number behind it (``to_json`` for --json)."""
+
     route: str
     control: str
     candidate: str
@@ -166,8 +170,6 @@ class Analysis:
     def to_json(self) -> dict:
         body = asdict(self)
         body["window"] = {"start": self.window[0], "end": self.window[1], "seconds": self.window[1] - self.window[0]}
-        body["srm"] = {"status": self.srm.status, "p_value": self.srm.p_value, "ok": self.srm.ok,
-                       "observed": self.srm.observed, "expected": self.srm.expected}
         return _finite(body)
 
 

@@ -32,7 +32,7 @@ from abtest.analysis import PROMOTE, ROLLBACK, Analysis, analyze_route, pick_can
 from monitoring import catalog
 from monitoring.metrics import RolloutMetrics
 
-ADVANCE, HOLD, ROLLED_BACK, PROMOTED = "advance", "hold", "rollback", "promoted"
+ADVANCE, HOLD, ROLLED_BACK, PROMOTED = catalog.ROLLOUT_ACTIONS  # also the label values of the decisions metric
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def window_increase(series: Iterable[Series], start: float, by: tuple[str, ...] 
     """Counter increase per group of ``by`` label values, summed over the group's series.
 
     A series whose first point lies within ``step`` of ``start`` counts as present at the start
-    (a range query's first point is at ``start``; a scrape may land up to one interval later).
+    (a range query's first point is at ``start``, up to the API's rounding).
     """
     totals: dict[tuple[str, ...], float] = {}
     for one in series:
