@@ -3,7 +3,7 @@
 One exception class per failure kind, one handler for the server and the router alike
 (``install_error_handlers``): the body is always ``{"error": message, "error_type": type}``,
 which lorax-client maps to its own classes. ``outcome`` is the ``outcome`` label a refused
-request is counted under (``monitoring.metrics.OUTCOMES``; ``upstream_error`` is the router's);
+request is counted under (``monitoring.catalog.OUTCOMES``; ``upstream_error`` is the router's);
 ``None`` marks refusals that are not generation requests and are never counted.
 """
 
