@@ -160,11 +160,13 @@ def test_watch_ramps_then_rolls_back_on_a_latency_breach(tmp_path, upstreams):
     with running_router(config_path) as (url, router), running_prometheus(tmp_path, [url.removeprefix("http://")]) as prometheus:
         watch = Watch(config_path, "sentiment", PrometheusSource(prometheus), decision_log=log)
 
-        def at_weight(weight: float) -> None:  # the router hot-reloads the file the watch wrote
-            deadline = time.monotonic() + 10
-            while router.holder.config.routes["sentiment"].arms["student"].weight != weight:
-                assert time.monotonic() < deadline, f"the router never took weight {weight}"
-                time.sleep(0.05)
+        def at_weight(weight: float) -> None:
+            """The router hot-reloaded the file the watch wrote, and Prometheus has scraped it: the step's traffic counts."""
+            deadline = time.monotonic() + 30
+            scraped = f'stillhouse_router_arm_weight{{route="sentiment",arm="student"}} == {weight}'
+            while router.holder.config.routes["sentiment"].arms["student"].weight != weight or not prometheus.instant(scraped).ok:
+                assert time.monotonic() < deadline, f"the router never served weight {weight}"
+                time.sleep(0.1)
 
         assert watch.start().action == ADVANCE and watch.weight == 20
         at_weight(20)
