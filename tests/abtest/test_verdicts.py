@@ -20,9 +20,10 @@ from monitoring.prometheus import PrometheusSource
 from monitoring.snapshots import SnapshotStore
 from tests.abtest.harness import running, running_router
 from tests.abtest.labeller_upstream import LABELS, Labeller
-from tests.monitoring.prometheus_harness import running_prometheus
+from tests.monitoring.prometheus_harness import running_prometheus, wait_until_scraped
 
 CLIENT = httpx.Client(timeout=10)
+ROUTED = 'sum(stillhouse_router_requests_total{route="sentiment"})'  # requests the router answered, as Prometheus last saw
 
 
 def write_traffic(path, control_url, candidate_url, weights=(50, 50), **experiment):
@@ -90,7 +91,7 @@ def test_the_injected_effect_is_found_from_prometheus_and_from_snapshots(tmp_pat
             start = time.time()
             store.scrape(f"{url}/metrics")
             answered = send_traffic(url, 400, seed=0)
-            time.sleep(2.5)  # one more scrape after the last request
+            wait_until_scraped(prometheus, ROUTED, 400)
             store.scrape(f"{url}/metrics")
             end = time.time()
             from_prometheus = analyse(config_path, PrometheusSource(prometheus), start, end)
@@ -171,14 +172,14 @@ def test_watch_ramps_then_rolls_back_on_a_latency_breach(tmp_path, upstreams):
         assert watch.start().action == ADVANCE and watch.weight == 20
         at_weight(20)
         send_traffic(url, 250, seed=3)
-        time.sleep(2.5)  # Prometheus scrapes every second: let it see the last request
+        wait_until_scraped(prometheus, ROUTED, 250)
         decision = watch.look()
         assert decision.action == ADVANCE and watch.weight == 50, decision.reasons
 
         student.delay_s = 0.3  # the candidate gets slow: p95 far above twice the control's
         at_weight(50)
         send_traffic(url, 120, seed=4)
-        time.sleep(2.5)
+        wait_until_scraped(prometheus, ROUTED, 370)
         decision = watch.look()
         assert decision.action == ROLLED_BACK and watch.weight == 0
         assert any("latency_p95" in reason for reason in decision.reasons)

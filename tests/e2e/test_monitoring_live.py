@@ -28,7 +28,7 @@ from serving.loopback import free_port
 from serving.registry import Registry
 from tests.abtest.harness import running_router
 from tests.lora_factory import make_lora_adapter
-from tests.monitoring.prometheus_harness import running_prometheus
+from tests.monitoring.prometheus_harness import running_prometheus, wait_until_scraped
 from tests.serving.server_harness import running_server
 
 VARIABLES = {"$route": "sentiment", "$control": "teacher", "$candidate": "student", "$__rate_interval": "1m", "$__range": "10m"}
@@ -74,9 +74,10 @@ def live(tmp_path_factory, tiny_base_dir):
                     watch = Watch(root / "traffic.yaml", "sentiment", PrometheusSource(prometheus), candidate="student",
                                   dry_run=True, metrics=watch_metrics)
                     answered = drive(router_url, server_url)
-                    time.sleep(2.5)  # Prometheus scrapes every second
+                    wait_until_scraped(prometheus, 'sum(stillhouse_router_requests_total{route="sentiment"})', sum(answered.values()))
                     watch.look()
-                    time.sleep(3)  # the watch's metrics, and a few rule evaluations
+                    wait_until_scraped(prometheus, 'count(stillhouse_rollout_verdict{route="sentiment"})', 4)  # the watch's look
+                    time.sleep(3)  # a few evaluations of the rules
                     yield prometheus, answered
             finally:
                 http_server.shutdown()

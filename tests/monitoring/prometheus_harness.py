@@ -51,3 +51,15 @@ def running_prometheus(tmp_path: Path, targets: list[str] | dict[str, list[str]]
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+def wait_until_scraped(client: Prometheus, query: str, expected: float, timeout_s: float = 30) -> None:
+    """Poll until the instant ``query`` (one series) equals ``expected``: the last scrape saw everything sent."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = client.instant(query)
+        value = result.series[0].points[-1][1] if result.ok else None
+        if value == expected:
+            return
+        assert time.monotonic() < deadline, f"{query} is {value}, not {expected}, after {timeout_s:.0f} s"
+        time.sleep(0.2)

@@ -16,7 +16,7 @@ from monitoring.prometheus import Prometheus, PrometheusSource
 from monitoring.series import Series, counter_increase, quantile_from_buckets, window_increase
 from monitoring.snapshots import SnapshotStore
 from serving.loopback import free_port
-from tests.monitoring.prometheus_harness import running_prometheus
+from tests.monitoring.prometheus_harness import running_prometheus, wait_until_scraped
 
 
 def test_counter_increase_handles_resets_and_series_born_in_the_window():
@@ -62,11 +62,9 @@ def test_prometheus_and_snapshots_give_the_same_counts_and_verdict(tmp_path):
                         metrics.observe_feedback("sentiment", arm, "correct", float(rng.random() < rate))
                 time.sleep(1.2)
                 assert store.scrape(url) is None
-            time.sleep(2.5)  # let Prometheus scrape the final state
+            wait_until_scraped(client, f'sum({ROUTER_REQUESTS.name}{{route="sentiment"}})', sum(sent.values()))
             assert store.scrape(url) is None
             end = time.time()
-            answers = client.instant(f'sum({ROUTER_REQUESTS.name}{{route="sentiment"}})')
-            assert answers.ok and answers.series[0].points[0][1] == sum(sent.values())
             plan = Experiment(primary="correct", min_samples_per_arm=50)
             declarations = {"correct": analysis.MetricDeclaration("boolean")}
             results = {}
