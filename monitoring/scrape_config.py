@@ -2,7 +2,7 @@
 
 ``monitoring/prometheus/prometheus.yml`` names the scrape jobs (``monitoring.rules.JOBS``) and
 loads the rules; `stillhouse up` and the tests run Prometheus on a copy with the ports they
-started the server, the router and the watch on.
+started the server, the router and the watch on (``prometheus_command`` starts it).
 """
 
 from __future__ import annotations
@@ -33,3 +33,8 @@ def write_local_config(path: Path, targets: dict[str, list[str]], scrape_interva
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(local_config(targets, scrape_interval), sort_keys=False))
     return path
+
+
+def prometheus_command(binary: str, config: Path, data_dir: Path, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The command line of a local Prometheus on ``config``, keeping its data in ``data_dir``."""
+    return [binary, f"--config.file={config}", f"--storage.tsdb.path={data_dir}", f"--web.listen-address={host}:{port}"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from monitoring.scrape_config import write_local_config
+from monitoring.scrape_config import prometheus_command, write_local_config
 
 LOOPBACK = "127.0.0.1"
 
@@ -93,9 +93,8 @@ def children(settings: StackSettings) -> list[Child]:
         config = write_local_config(settings.state_dir / "prometheus.yml", {
             "stillhouse-server": [f"{LOOPBACK}:{settings.server_port}"], "stillhouse-router": [f"{LOOPBACK}:{settings.router_port}"],
         })
-        stack.append(Child("prometheus", [prometheus, f"--config.file={config}", f"--storage.tsdb.path={settings.state_dir / 'tsdb'}",
-                                          f"--web.listen-address={LOOPBACK}:{settings.prometheus_port}"],
-                           f"http://{LOOPBACK}:{settings.prometheus_port}/-/ready", logs / "prometheus.log"))
+        command = prometheus_command(prometheus, config, settings.state_dir / "tsdb", settings.prometheus_port, LOOPBACK)
+        stack.append(Child("prometheus", command, f"http://{LOOPBACK}:{settings.prometheus_port}/-/ready", logs / "prometheus.log"))
     return stack
 
 

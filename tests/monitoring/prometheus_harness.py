@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from monitoring.prometheus import Prometheus
-from monitoring.scrape_config import write_local_config
+from monitoring.scrape_config import prometheus_command, write_local_config
 from serving.loopback import free_port
 from tests.binaries import PROMETHEUS_PACKAGE, require
 
@@ -25,11 +25,7 @@ def running_prometheus(tmp_path: Path, targets: list[str] | dict[str, list[str]]
     config_path = write_local_config(tmp_path / "prometheus.yml", jobs, f"{scrape_interval_ms}ms")
     targets = [host for hosts in jobs.values() for host in hosts]
     log = (tmp_path / "prometheus.log").open("w")
-    process = subprocess.Popen(
-        [binary, f"--config.file={config_path}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    process = subprocess.Popen(prometheus_command(binary, config_path, tmp_path / "tsdb", port), stdout=log, stderr=subprocess.STDOUT)
     client = Prometheus(f"http://127.0.0.1:{port}")
     try:
         deadline = time.monotonic() + 60
