@@ -188,13 +188,12 @@ def _abtest_analyze(args: argparse.Namespace) -> int:
 def _abtest_watch(args: argparse.Namespace) -> int:
     import time
 
-    from abtest import config
-    from abtest.rollout import Watch
-    from serving.base_models import stillhouse_home
-
     from prometheus_client import start_http_server
 
+    from abtest import config
+    from abtest.rollout import ROLLED_BACK, Watch
     from monitoring.metrics import RolloutMetrics
+    from serving.base_models import stillhouse_home
 
     source = _source(args)
     log = args.decision_log or stillhouse_home() / "abtest" / f"{args.route}-decisions.jsonl"
@@ -210,12 +209,13 @@ def _abtest_watch(args: argparse.Namespace) -> int:
           f"decisions in {log}{' (dry run)' if args.dry_run else ''}", file=sys.stderr)
     _look(source)
     decision = watch.start()
-    print(f"{decision.action}: {watch.candidate} at {decision.weight:g}% — {'; '.join(decision.reasons)}")
     looks = 0
-    while not decision.final and (args.max_looks is None or looks < args.max_looks):
+    while True:
+        print(f"{decision.action}: {watch.candidate} at {decision.weight:g}% — {'; '.join(decision.reasons)}", flush=True)
+        if decision.final or (args.max_looks is not None and looks >= args.max_looks):
+            break
         time.sleep(args.interval)
         _look(source)
         decision = watch.look()
         looks += 1
-        print(f"{decision.action}: {watch.candidate} at {decision.weight:g}% — {'; '.join(decision.reasons)}", flush=True)
-    return 0 if decision.action != "rollback" else 3
+    return 3 if decision.action == ROLLED_BACK else 0

@@ -120,9 +120,10 @@ class Watch:
         """Put the candidate on the first step when it is below it (a fresh rollout)."""
         first = self.plan.ramp.steps[0]
         if self.weight >= first:
-            return Decision(HOLD, self.weight, [f"the candidate already has {self.weight:g}%"])
-        decision = Decision(ADVANCE, first, [f"rollout starts at the first step, {first:g}%"])
-        self._apply(decision, None)
+            decision = Decision(HOLD, self.weight, [f"the candidate already has {self.weight:g}%"])
+        else:
+            decision = Decision(ADVANCE, first, [f"rollout starts at the first step, {first:g}%"])
+        self._apply(decision, None)  # logged like every other decision
         return decision
 
     def look(self) -> Decision:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import yaml
 
 from abtest import analysis
@@ -9,6 +12,7 @@ from abtest.rollout import ADVANCE, HOLD, PROMOTED, ROLLED_BACK, Watch, decide
 from abtest.stats.srm import SrmCheck
 from monitoring.prometheus import QueryResult
 from monitoring.series import Series
+from stillhouse import main
 
 STEPS = [1, 5, 25, 50, 100]
 
@@ -74,3 +78,16 @@ def test_a_step_starts_when_every_live_replica_serves_its_weight(tmp_path):
     assert since is None and "waiting until the router serves 50%" in waiting
     watch.source = FixedSource([(100, 50), (101, 50)], [(100, 10), (101, 10), (102, 50), (103, 50)])  # a replica gone before 102
     assert watch._served_since(103)[0] == 102
+
+
+def test_the_watch_command_logs_each_look_and_never_writes_in_a_dry_run(tmp_path, capsys):
+    example = Path(__file__).resolve().parents[2] / "abtest" / "examples" / "traffic.yaml"
+    before = example.read_text()
+    log = tmp_path / "decisions.jsonl"
+    code = main(["abtest", "watch", "--route", "sentiment", "--config", str(example), "--metrics-url", "http://127.0.0.1:1",
+                 "--state", str(tmp_path / "state.jsonl"), "--decision-log", str(log), "--dry-run", "--max-looks", "1",
+                 "--interval", "0", "--candidate", "student-v1"])
+    assert code == 0 and example.read_text() == before
+    assert [json.loads(line)["action"] for line in log.read_text().splitlines()] == [HOLD, HOLD]
+    captured = capsys.readouterr()
+    assert "hold: student-v1 at 50%" in captured.out and "did not answer" in captured.err
