@@ -38,6 +38,7 @@ class SnapshotStore:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._parsed: tuple[tuple[int, int], list[dict]] | None = None
 
     def scrape(self, url: str, timeout_s: float = 10.0, now: float | None = None) -> str | None:
         """Fetch ``url`` and append its samples; returns an error message instead of raising."""
@@ -54,13 +55,16 @@ class SnapshotStore:
         with self.path.open("a") as file:
             file.write(json.dumps({"t": at, "samples": samples}, separators=(",", ":")) + "\n")
 
-    def times(self) -> list[float]:
-        return [snapshot["t"] for snapshot in self._snapshots()]
-
     def _snapshots(self) -> list[dict]:
-        if not self.path.exists():
+        """The file's snapshots, parsed once per version of the file (an analysis reads a dozen series from it)."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if self._parsed is None or self._parsed[0] != stamp:
+            self._parsed = stamp, [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return self._parsed[1]
 
     def read(self, spec: MetricSpec, start: float, end: float, series: str | None = None, **matchers: str) -> QueryResult:
         """The raw series ``promql.raw(spec, series, **matchers)`` names, between ``start`` and ``end``.
