@@ -87,6 +87,19 @@ class PrometheusSource:
         self.client = client
 
     def read(self, spec: MetricSpec, start: float, end: float, series: str | None = None, **matchers: str) -> QueryResult:
-        step = max((end - start) / self.points_per_window, 1.0)
-        result = self.client.range(promql.raw(spec, series, **matchers), start, end, step)
-        return result
+        """The series' points at ``start``, every step after it, and at ``end`` itself.
+
+        A range query's last point can fall up to one step before ``end``; the instant value at
+        ``end`` is added so the window counts everything scraped until then.
+        """
+        query = promql.raw(spec, series, **matchers)
+        result = self.client.range(query, start, end, max((end - start) / self.points_per_window, 1.0))
+        if not result.ok:
+            return result
+        at_end = {tuple(sorted(one.labels.items())): one for one in self.client.instant(query, end).series}
+        merged = []
+        for one in result.series:
+            last = at_end.pop(tuple(sorted(one.labels.items())), None)
+            later = last is not None and last.points[-1][0] > one.points[-1][0]
+            merged.append(Series(one.name, one.labels, one.points + last.points[-1:]) if later else one)
+        return QueryResult(result.status, merged + list(at_end.values()))  # + series born after the last step
