@@ -93,6 +93,3 @@ class Experiment(_Strict):
     correction: Literal["holm", "bh"] = "holm"
     method: Literal["sequential", "fixed"] = "sequential"
     ramp: Ramp = Field(default_factory=Ramp)
-
-    def outcome_metrics(self) -> list[str]:
-        return [self.primary, *self.secondary]
