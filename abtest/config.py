@@ -368,7 +368,10 @@ def load(path: str | Path) -> TrafficConfig:
     """Read and validate a traffic-split YAML file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(str(path), [Problem("(file)", f"byte {error.start} is not valid UTF-8 ({error.reason})",
+                                              "save the file as UTF-8")]) from error
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(str(path), [Problem("(file)", str(error).replace("\n", " "), "fix the YAML syntax or the path")]) from error
     return parse(raw, str(path))
