@@ -131,7 +131,7 @@ def stream_error_event(protocol: str, error: ServingError) -> bytes:
     """The SSE event that ends a stream cut short: LoRAX's error event, or an OpenAI error chunk."""
     if protocol == "lorax":
         return sse.encode(error.body())
-    return sse.encode({"error": {"message": error.message, "type": error.error_type, "param": None, "code": error.status_code}})
+    return sse.encode({"error": {"message": error.message, "type": error.error_type, "param": None, "code": None}})
 
 
 @dataclass

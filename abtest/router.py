@@ -49,6 +49,7 @@ from serving import auth
 from serving.errors import (
     AdapterNotFoundError,
     ConflictError,
+    IncompleteGenerationError,
     NotFoundError,
     PayloadTooLargeError,
     UpstreamError,
@@ -427,7 +428,8 @@ class Router:
                     self.breaker.failure(_key(target))
                     self.metrics.upstream_errors.labels(target.route, target.arm, "cut").inc()
                     log.warning("stream of %s/%s cut after its first byte: %s", target.route, target.arm, cut)
-                    event = stream_error_event(exchange.call.protocol, UpstreamError(f"{cut}; the answer is incomplete, send it again"))
+                    error = IncompleteGenerationError(f"{cut}; the answer is incomplete, send it again")
+                    event = stream_error_event(exchange.call.protocol, error)
                     yield (b"\n\n" if parser.partial else b"") + event
             finally:
                 # A stream cut short leaves unread bytes, so its connection must not be reused.
