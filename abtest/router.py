@@ -542,7 +542,7 @@ class Router:
                 raise ValidationError(f"`{name}` must be a string, got {type(given).__name__}")
         if isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or abs(value) > FEEDBACK_LIMIT:
+        if not isinstance(value, (int, float)) or not abs(value) <= FEEDBACK_LIMIT:  # also refuses NaN, inf and huge integers
             raise ValidationError(f"`value` must be a finite number between -{FEEDBACK_LIMIT:g} and {FEEDBACK_LIMIT:g}, got {value!r}")
         served = self._served.get(request_id)
         if served is None and self.request_log is not None:

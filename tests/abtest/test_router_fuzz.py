@@ -85,7 +85,7 @@ JSON = st.recursive(
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
     max_leaves=6,
 )
-NUMBERS = st.integers() | st.floats() | st.sampled_from([2**64, -1, 0, 1e308, -1e308, BIG])
+NUMBERS = st.integers() | st.floats() | st.sampled_from([2**64, 10**400, -1, 0, 1e308, -1e308, BIG])
 ROUTE_KEYS = st.sampled_from(["sentiment", "other@v1"]) | JSON
 
 
