@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -368,7 +367,10 @@ def load(path: str | Path) -> TrafficConfig:
     """Read and validate a traffic-split YAML file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(str(path), [Problem("(file)", f"byte {error.start} is not valid UTF-8 ({error.reason})",
+                                              "save the file as UTF-8")]) from error
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(str(path), [Problem("(file)", str(error).replace("\n", " "), "fix the YAML syntax or the path")]) from error
     return parse(raw, str(path))
@@ -383,7 +385,7 @@ def with_weights(config: TrafficConfig, route: str, weights: dict[str, float]) -
     for arm, weight in weights.items():
         if arm not in raw["routes"][route]["arms"]:
             problems.append(Problem(f"weights.{arm}", "not an arm of this route", f"use one of {sorted(raw['routes'][route]['arms'])}"))
-        elif not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        elif not isinstance(weight, (int, float)) or not 0 <= weight < 1e300:  # NaN, inf and integers too big for a float fail too
             problems.append(Problem(f"weights.{arm}", f"{weight!r} is not a non-negative number", "send a number >= 0"))
         else:
             raw["routes"][route]["arms"][arm]["weight"] = weight

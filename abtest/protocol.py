@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable
 
-from serving.protocol import LORAX_PATHS, OPENAI_PATHS
+from serving.errors import ServingError
+from serving.protocol import LORAX_PATHS, OPENAI_PATHS, sse
 
 
 class BadCall(ValueError):
@@ -56,10 +57,16 @@ def parse_call(path: str, body: object) -> Call:
         if not isinstance(parameters, dict):
             raise BadCall("`parameters` must be an object")
         stream = path == "/generate_stream" or (path == "/" and bool(body.get("stream")))
-        return Call("lorax", path, body, stream, parameters.get("adapter_id"))
+        return Call("lorax", path, body, stream, _route_key(parameters.get("adapter_id"), "parameters.adapter_id"))
     if path in OPENAI_PATHS:
-        return Call(OPENAI_PATHS[path], path, body, bool(body.get("stream")), body.get("model"))
+        return Call(OPENAI_PATHS[path], path, body, bool(body.get("stream")), _route_key(body.get("model"), "model"))
     raise BadCall(f"{path} is not a generation path")
+
+
+def _route_key(value: object, field: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise BadCall(f"`{field}` must be a string naming a route or an adapter, got {type(value).__name__}")
+    return value
 
 
 def for_arm(call: Call, adapter: str | None, render: Callable[[str], str], *, stream: bool | None = None) -> tuple[str, dict]:
@@ -120,12 +127,24 @@ def answer_from_json(protocol: str, payload: object) -> Answer:
     return Answer(text, usage.get("prompt_tokens"), usage.get("completion_tokens"))
 
 
+def stream_error_event(protocol: str, error: ServingError) -> bytes:
+    """The SSE event that ends a stream cut short: LoRAX's error event, or an OpenAI error chunk."""
+    if protocol == "lorax":
+        return sse.encode(error.body())
+    return sse.encode({"error": {"message": error.message, "type": error.error_type, "param": None, "code": None}})
+
+
 @dataclass
 class StreamAnswer:
-    """Accumulates an answer from SSE bytes as they are relayed."""
+    """Accumulates an answer from SSE bytes as they are relayed.
+
+    ``ended`` tells whether the stream said it was over: LoRAX's last event (with
+    ``generated_text``), OpenAI's ``[DONE]``, or an error event of either.
+    """
 
     protocol: str
     answer: Answer = field(default_factory=Answer)
+    ended: bool = False
     _buffer: bytes = b""
     _pieces: list[str] = field(default_factory=list)
 
@@ -139,6 +158,8 @@ class StreamAnswer:
                 self._event(line[5:].strip())
 
     def _event(self, data: bytes) -> None:
+        if data == b"[DONE]":
+            self.ended = True
         if not data or data == b"[DONE]":
             return
         try:
@@ -147,12 +168,16 @@ class StreamAnswer:
             return
         if not isinstance(event, dict):
             return
+        if "error" in event:
+            self.ended = True
+            return
         if self.protocol == "lorax":
             token = event.get("token") or {}
             if isinstance(token.get("text"), str) and not token.get("special"):
                 self._pieces.append(token["text"])
             if event.get("generated_text") is not None:
                 self.answer.text = event["generated_text"]
+                self.ended = True
             details = event.get("details") or {}
             self.answer.prompt_tokens = details.get("prompt_tokens", self.answer.prompt_tokens)
             self.answer.generated_tokens = details.get("generated_tokens", self.answer.generated_tokens)
@@ -164,6 +189,11 @@ class StreamAnswer:
         usage = event.get("usage") or {}
         self.answer.prompt_tokens = usage.get("prompt_tokens", self.answer.prompt_tokens)
         self.answer.generated_tokens = usage.get("completion_tokens", self.answer.generated_tokens)
+
+    @property
+    def partial(self) -> bool:
+        """Whether the bytes so far end inside an unfinished line."""
+        return bool(self._buffer.strip())
 
     def result(self) -> Answer:
         """The answer so far: LoRAX's final text when sent, else the pieces joined."""

@@ -4,7 +4,16 @@ A call whose ``adapter_id`` / ``model`` names a route is assigned an arm (sticky
 ``assignment``), rewritten for that arm (adapter, rendered template; see ``protocol``) and
 proxied to the arm's upstream; streams are relayed as they arrive. When the upstream times out,
 refuses the connection or answers 5xx before the first byte, the route's fallback arm answers
-instead. Ids that name no route pass straight through to ``default_upstream``.
+instead; when no arm answers, the client gets 502. A 4xx is the request's fault: it is relayed
+as is, never retried on the fallback. Ids that name no route pass straight through to
+``default_upstream``. A stream cut after its first byte ends with an error event (LoRAX's
+``{"error", "error_type"}`` event, or an OpenAI error chunk), never as if it were whole.
+
+Each arm has a circuit breaker (``circuit_breaker``), and only the upstream's own failures
+count against it, so no client can open one: a timeout, a refused or broken connection, a
+502/503/504, or a 500 (or other 5xx) that another arm then answered with 2xx. A 5xx that every
+arm tried gives for the same request is the request's doing (a server bug on that input) and
+counts against none.
 
 Every exchange goes to the request log and to per route x arm metrics; shadow arms get a copy in
 the background; ``POST /feedback`` scores an exchange. The config file is re-read when it changes
@@ -33,12 +42,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from abtest import config as traffic
 from abtest.assignment import assign
 from abtest.circuit_breaker import CircuitBreaker
-from abtest.protocol import Answer, BadCall, Call, StreamAnswer, answer_from_json, for_arm, parse_call
+from abtest.protocol import Answer, BadCall, Call, StreamAnswer, answer_from_json, for_arm, parse_call, stream_error_event
 from monitoring.catalog import ANSWERED_ROUTER_OUTCOMES, DEFAULT_ARM_LABEL, PASSTHROUGH_ROUTE_LABEL
 from monitoring.metrics import RouterMetrics
 from serving import auth
 from serving.errors import (
     AdapterNotFoundError,
+    ConflictError,
+    IncompleteGenerationError,
     NotFoundError,
     PayloadTooLargeError,
     UpstreamError,
@@ -51,16 +62,35 @@ from serving.request_log import Exchange, Feedback, RequestLog, hash_unit, new_r
 log = logging.getLogger("stillhouse.router")
 
 PIN_HEADER = "x-stillhouse-arm"  # debugging: pin a request to an arm of its route
+MAX_JSON_DEPTH = 64  # nesting a generation request or feedback never needs; deeper bodies would exhaust the recursion limit
+FEEDBACK_LIMIT = 1e6  # |value| bound: sums of squares of bounded values never overflow to +Inf
+UNAVAILABLE_STATUSES = frozenset({502, 503, 504})  # the upstream (or a proxy before it) is down, whatever the request
 # Upstream headers not relayed: hop-by-hop ones, and those the router sets itself.
 _DROPPED_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server", "x-request-id"}
 
 
 class UpstreamFailure(Exception):
-    """An arm's upstream failed before answering; ``reason`` is a metric label."""
+    """An arm's upstream failed before answering; ``reason`` is a metric label.
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
+    ``status`` is the upstream's 5xx when it answered one. ``certain``: the failure says the
+    upstream is unwell whatever the request (no answer, or 502/503/504); a 500 may be the
+    request's doing and counts only once another arm answers the same request.
+    """
+
+    def __init__(self, reason: str, status: int | None = None):
+        super().__init__(reason if status is None else f"{reason} ({status})")
         self.reason = reason
+        self.status = status
+        self.certain = status is None or status in UNAVAILABLE_STATUSES
+
+
+@dataclass
+class Served:
+    """What the router remembers of an answered request, for feedback: its arm and the scores it got."""
+
+    route: str
+    arm: str
+    scores: dict[str, float] = field(default_factory=dict)  # metric -> the first value sent
 
 
 @dataclass
@@ -108,6 +138,11 @@ class RoutedCall:
     fallback_from: str | None = None
 
 
+def _key(target: Target) -> str:
+    """The circuit-breaker key of a target's arm."""
+    return f"{target.route}/{target.arm}"
+
+
 class ConfigHolder:
     """The current traffic-split config, swapped atomically on a good reload."""
 
@@ -142,12 +177,16 @@ class ConfigHolder:
         try:
             config = traffic.load(self.path)
         except traffic.ConfigError as error:
-            self.metrics.config_reload_errors.inc()
-            log.error("traffic-split reload refused, keeping version %s: %s", self.config.version_hash, error)
+            self.refused(error)
             return False
         self.replace(config)
         log.info("traffic-split reloaded: version %s", config.version_hash)
         return True
+
+    def refused(self, error: Exception) -> None:
+        """Report a reload that failed: one log line naming the file (and each field), one count."""
+        self.metrics.config_reload_errors.inc()
+        log.error("traffic-split reload of %s refused, keeping version %s: %s", self.path, self.config.version_hash, error)
 
 
 class Router:
@@ -160,7 +199,7 @@ class Router:
         self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_open_s)
         self.request_log: RequestLog | None = None
         self.client: aiohttp.ClientSession | None = None
-        self._arms: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._served: OrderedDict[str, Served] = OrderedDict()
         self._shadows: set[asyncio.Task] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -182,10 +221,14 @@ class Router:
             self.request_log.close()  # flushes every accepted row
 
     async def watch_config(self) -> None:
-        """Poll the config file's mtime and size; runs until cancelled."""
+        """Poll the config file's mtime and size; runs until cancelled, whatever one reload raises."""
         while True:
             await asyncio.sleep(self.settings.reload_interval_s)
-            self.holder.poll()
+            try:
+                self.holder.poll()
+            except Exception as error:  # a bug in one reload must not end every later one
+                log.exception("traffic-split reload failed")
+                self.holder.refused(error)
 
     # --- checks ---------------------------------------------------------------------------
 
@@ -200,10 +243,16 @@ class Router:
             data += chunk
             if len(data) > limit:
                 raise PayloadTooLargeError(f"the body is over {limit} bytes; send a shorter prompt")
+        too_deep = ValidationError(f"the body nests deeper than {MAX_JSON_DEPTH} levels; flatten it")
         try:
-            return json.loads(data)
+            body = json.loads(data)
         except ValueError as error:
             raise ValidationError(f"the body is not valid JSON: {error}") from error
+        except RecursionError:
+            raise too_deep from None
+        if not _nesting_within(body, MAX_JSON_DEPTH):
+            raise too_deep
+        return body
 
     # --- routing --------------------------------------------------------------------------
 
@@ -252,10 +301,13 @@ class Router:
         request_id = new_request_id()
         exchange, targets = self.plan(call, request, request_id)
         failed = None
-        for target in targets:
-            key = f"{target.route}/{target.arm}"
-            if not self.breaker.allow(key):
+        suspects: list[str] = []  # arms that answered this request 500: the arm's fault only if another arm answers it
+        why: list[str] = []
+        for index, target in enumerate(targets):
+            key = _key(target)
+            if not self.breaker.allow(key, last_resort=index == len(targets) - 1):
                 self.metrics.upstream_errors.labels(target.route, target.arm, "circuit_open").inc()
+                why.append(f"{target.arm}: circuit open")
                 failed = failed or target
                 continue
             try:
@@ -264,15 +316,26 @@ class Router:
                     self.metrics.fallbacks.labels(target.route, failed.arm, target.arm).inc()
                 response = await (self._stream(exchange, target) if call.stream else self._plain(exchange, target))
             except UpstreamFailure as failure:
-                self.breaker.failure(key)
+                if failure.certain:
+                    self.breaker.failure(key)
+                else:
+                    self.breaker.release(key)
+                    suspects.append(key)
                 self.metrics.upstream_errors.labels(target.route, target.arm, failure.reason).inc()
-                log.warning("upstream of %s/%s failed (%s)", target.route, target.arm, failure.reason)
+                log.warning("upstream of %s/%s failed (%s)", target.route, target.arm, failure)
+                why.append(f"{target.arm}: {failure}")
                 failed = failed or target
                 continue
-            self.breaker.success(key)
+            except BaseException:  # the client went away, or a bug: no verdict on the upstream
+                self.breaker.release(key)
+                raise
+            if response.status_code < 400:
+                for suspect in suspects:
+                    self.breaker.failure(suspect)
+            self.breaker.success(key)  # it answered, even if it refused the request: it is up
             return response
         last = targets[-1]
-        error = UpstreamError(f"no upstream of route {exchange.route!r} answered; see the router's log")
+        error = UpstreamError(f"no upstream of route {exchange.route!r} answered ({'; '.join(why)}); try again later")
         self.metrics.observe_request(last.route, last.arm, error.outcome)
         self._log(exchange, last, Answer(), error.status_code, error.outcome, None, None)
         raise error
@@ -305,7 +368,7 @@ class Router:
             raise UpstreamFailure("connect") from error
         if response.status >= 500:
             response.close()
-            raise UpstreamFailure("5xx")
+            raise UpstreamFailure("5xx", response.status)
         return response
 
     @staticmethod
@@ -350,13 +413,24 @@ class Router:
             try:
                 parser.feed(first)
                 yield first
-                async for chunk in chunks:
-                    parser.feed(chunk)
-                    yield chunk
-                outcome = self._outcome(exchange, True)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                outcome, status = "upstream_error", 502
-                self.metrics.upstream_errors.labels(target.route, target.arm, "stream").inc()
+                try:
+                    async for chunk in chunks:
+                        parser.feed(chunk)
+                        yield chunk
+                    cut = None if parser.ended else "the upstream ended the stream before its last event"
+                except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                    cut = f"the upstream's stream broke ({type(error).__name__})"
+                if cut is None:
+                    outcome = self._outcome(exchange, True)
+                else:
+                    # Too late to fall back or change the status: the error event tells the client the answer is incomplete.
+                    outcome, status = "upstream_error", 502
+                    self.breaker.failure(_key(target))
+                    self.metrics.upstream_errors.labels(target.route, target.arm, "cut").inc()
+                    log.warning("stream of %s/%s cut after its first byte: %s", target.route, target.arm, cut)
+                    error = IncompleteGenerationError(f"{cut}; the answer is incomplete, send it again")
+                    event = stream_error_event(exchange.call.protocol, error)
+                    yield (b"\n\n" if parser.partial else b"") + event
             finally:
                 # A stream cut short leaves unread bytes, so its connection must not be reused.
                 if outcome in ("success", "fallback"):
@@ -381,9 +455,7 @@ class Router:
             prompt_tokens=answer.prompt_tokens, generated_tokens=answer.generated_tokens,
         )
         self._log(exchange, target, answer, status, outcome, duration_s, ttft_s)
-        self._arms[exchange.request_id] = (exchange.route, target.arm)
-        if len(self._arms) > self.settings.remembered_requests:
-            self._arms.popitem(last=False)
+        self._remember(exchange.request_id, Served(exchange.route, target.arm))
         if outcome in ANSWERED_ROUTER_OUTCOMES:
             route = exchange.config.routes.get(exchange.route)
             for name, check in (route.checks.items() if route else ()):
@@ -455,36 +527,77 @@ class Router:
     # --- feedback -------------------------------------------------------------------------
 
     async def feedback(self, body: object) -> dict:
-        """Validate ``{request_id, metric, value}`` against the route's metrics and record it."""
+        """Validate ``{request_id, metric, value}`` against the route's metrics and record it.
+
+        ``value`` is a finite number with ``|value| <= 1e6`` (0/1 or true/false for a boolean
+        metric). The first score of a request for a metric wins: a second one is refused with 409
+        and counted nowhere, as Prometheus counters cannot take a value back (a retried call
+        that got no answer sees the 409 and knows the first one landed).
+        """
         if not isinstance(body, dict) or set(body) != {"request_id", "metric", "value"}:
             raise ValidationError("send exactly {\"request_id\": ..., \"metric\": ..., \"value\": ...}")
         request_id, metric, value = body["request_id"], body["metric"], body["value"]
-        known = self._arms.get(str(request_id))
-        if known is None and self.request_log is not None:
-            row = await asyncio.to_thread(self._logged, str(request_id))  # off the event loop: it may wait for the writer
-            known = (row.route, row.arm) if row and row.route and row.arm else None
-        if known is None:
+        for name, given in (("request_id", request_id), ("metric", metric)):
+            if not isinstance(given, str):
+                raise ValidationError(f"`{name}` must be a string, got {type(given).__name__}")
+        if isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, (int, float)) or not abs(value) <= FEEDBACK_LIMIT:  # also refuses NaN, inf and huge integers
+            raise ValidationError(f"`value` must be a finite number between -{FEEDBACK_LIMIT:g} and {FEEDBACK_LIMIT:g}, got {value!r}")
+        served = self._served.get(request_id)
+        if served is None and self.request_log is not None:
+            served = await asyncio.to_thread(self._logged, request_id)  # off the event loop: it may wait for the writer
+            if served is not None:
+                served = self._remember(request_id, self._served.get(request_id) or served)  # one record even if another call raced
+        if served is None:
             raise NotFoundError(f"no routed request has id {request_id!r}; send the x-request-id of a response")
-        route_name, arm = known
-        route = self.holder.config.routes.get(route_name)
+        route = self.holder.config.routes.get(served.route)
         spec = route.metrics.get(metric) if route else None
         if spec is None:
             declared = sorted(route.metrics) if route else []
-            raise ValidationError(f"route {route_name!r} declares no metric {metric!r}; declared: {declared}")
-        if isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValidationError(f"`value` must be a finite number, got {value!r}")
+            raise ValidationError(f"route {served.route!r} declares no metric {metric!r}; declared: {declared}")
         if spec.type == "boolean" and value not in (0, 1):
             raise ValidationError(f"{metric} is boolean: send true/false or 0/1")
-        self.metrics.observe_feedback(route_name, arm, metric, float(value))
+        if metric in served.scores:
+            raise ConflictError(f"request {request_id} already has a {metric} score ({served.scores[metric]:g}); "
+                                f"the first score counts, send one per request and metric")
+        value = float(value)
+        served.scores[metric] = value
+        self.metrics.observe_feedback(served.route, served.arm, metric, value)
         if self.request_log is not None:
-            self.request_log.feedback(Feedback(str(request_id), metric, float(value)))
-        return {"request_id": request_id, "route": route_name, "arm": arm, "metric": metric, "value": float(value)}
+            self.request_log.feedback(Feedback(request_id, metric, value))
+        return {"request_id": request_id, "route": served.route, "arm": served.arm, "metric": metric, "value": value}
 
-    def _logged(self, request_id: str) -> Exchange | None:
+    def _remember(self, request_id: str, served: Served) -> Served:
+        """Index an answered request for feedback, forgetting the oldest beyond ``remembered_requests``."""
+        self._served[request_id] = served
+        if len(self._served) > self.settings.remembered_requests:
+            self._served.popitem(last=False)
+        return served
+
+    def _logged(self, request_id: str) -> Served | None:
+        """The arm and scores of a request the router no longer remembers, from the request log."""
         self.request_log.flush()
-        return self.request_log.store.arm_of(request_id)
+        row = self.request_log.store.arm_of(request_id)
+        if row is None or row.source != "router" or not row.route or not row.arm:
+            return None
+        mine = [r for r in self.request_log.store.query(route=row.route, arm=row.arm, source="router", since=row.ts,
+                                                         until=math.nextafter(row.ts, math.inf)) if r.exchange.request_id == request_id]
+        return Served(row.route, row.arm, dict(mine[0].feedback) if mine else {})
+
+
+def _nesting_within(value: object, limit: int) -> bool:
+    """Whether a parsed JSON value nests at most ``limit`` arrays and objects deep (iteratively: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return False
+                stack.append((child, depth + 1))
+    return True
 
 
 def _json(content: bytes) -> object:

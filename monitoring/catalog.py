@@ -116,7 +116,9 @@ ROUTER_OUTCOMES = (
 #: outcomes that mean the client got an answer (latency and tokens are recorded for these only)
 ANSWERED_ROUTER_OUTCOMES = ("success", "fallback")
 
-UPSTREAM_ERROR_REASONS = ("timeout", "connect", "5xx", "read", "stream", "circuit_open")
+#: why an upstream call failed; "stream": before the first byte (the fallback may still answer),
+#: "cut": after it (the client got an error event in place of the rest)
+UPSTREAM_ERROR_REASONS = ("timeout", "connect", "5xx", "read", "stream", "cut", "circuit_open")
 SHADOW_AGREEMENTS = ("agree", "disagree", "error", "skipped")
 REQUEST_LOG_COMPONENTS = ("server", "router")
 

@@ -72,6 +72,14 @@ class NotFoundError(ServingError):
     outcome = None
 
 
+class ConflictError(ServingError):
+    """A call that contradicts what was already recorded (a second feedback score for the same request and metric)."""
+
+    status_code = 409
+    error_type = "conflict"
+    outcome = None
+
+
 class OverloadedError(ServingError):
     """The bounded request queue is full: retry later."""
 

@@ -21,6 +21,7 @@ ERROR_CASES = [
     (errors.AdapterNotServableError, 424, "generation", "not_servable"),
     (errors.AdapterRefusedError, 400, "generation", "not_servable"),
     (errors.NotFoundError, 404, "not_found", None),
+    (errors.ConflictError, 409, "conflict", None),
     (errors.OverloadedError, 429, "overloaded", "overloaded"),
     (errors.GenerationError, 424, "generation", "generation"),
     (errors.IncompleteGenerationError, 500, "incomplete_generation", "incomplete"),
