@@ -21,6 +21,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import re
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -38,6 +39,7 @@ from training.task import Task, describe_errors
 from training.teacher_variant import CURRENT, TeacherVariant
 
 Say = Callable[[str], None]
+_BOLD = re.compile(r"[*][*](.+?)[*][*]")
 GOLD_SOURCES = ("run", "generator", "corrections")  # or a .jsonl / .csv path
 
 
@@ -382,7 +384,7 @@ def _plots(report: dict) -> list[str]:
         axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
         axis.set_ylim(0, 1.05)
         axis.set_title("recall per label")
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         plots.append(_svg(figure))
     figure, axis = plt.subplots(figsize=(5, 3.4))
     primary = report["primary_metric"]
@@ -403,10 +405,10 @@ def report_html(report: dict) -> str:
     header, _, *body = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table]
     best = report["best"]
     rows_html = "".join(
-        f"<tr{' class=best' if cells[0].startswith(best + ' ★') or cells[0] == best + ' ★' else ''}>"
+        f"<tr{' class=best' if cells[0] == best + ' ★' else ''}>"
         + "".join(f"<td class=warn>{html.escape(c)}</td>" if "never" in c else f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
         for cells in body)
-    notes = "".join(f"<p>{html.escape(line)}</p>" for line in markdown[2:] if line and not line.startswith("|"))
+    notes = "".join("<p>" + _BOLD.sub(r"<b>\1</b>", html.escape(line)) + "</p>" for line in markdown[2:] if line and not line.startswith("|"))
     style = ("body{font-family:sans-serif;max-width:1300px;margin:2em auto}table{border-collapse:collapse;font-size:12px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}tr.best{background:#dafbe1}td.warn{background:#ffebe9;color:#cf222e}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Teacher variants: {html.escape(report['task'])}</title>"
