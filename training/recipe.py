@@ -82,7 +82,8 @@ def sample_teacher(config: RunConfig, task: Task, teacher: EndpointConfig, say: 
     rows = dataset.read_rows(path)
     candidates = curation.training_rows_before("self_consistency", rows, task, config.curation, config.data)
     sampled, report = consistency.sample_teacher(
-        rows, task, Endpoint(teacher), settings, _data_dir(config) / "samples_cache.jsonl", {row.id for row in candidates}
+        rows, task, Endpoint(teacher), settings, _data_dir(config) / "samples_cache.jsonl", {row.id for row in candidates},
+        config.teacher_variant, shots.pool_for(config.teacher_variant, task, rows, config.data),
     )
     dataset.write_rows(path, sampled)
     say(f"sampled the teacher {settings.samples}x at temperature {settings.temperature} on {report.rows} training rows: "

@@ -158,3 +158,18 @@ def test_bad_variants_are_refused_naming_the_variant_and_field(tmp_path, monkeyp
         assert message in capsys.readouterr().err
     assert stillhouse.main(["teacher", "compare", "--name", "bad", "--teacher-url", "http://127.0.0.1:9", "--variant", "shots"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_self_consistency_samples_ask_as_the_runs_teacher_variant(stand_in, tmp_path, monkeypatch):
+    teacher, url = stand_in
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, {"name": "sc", "base": "tiny", "data.train_size": 12, "data.test_size": 4, "teacher.url": f"{url}/v1",
+                                "teacher.protocol": "openai", "teacher_variant.constrain": True, "teacher_variant.name": "constrained",
+                                "curation.self_consistency.samples": 3})
+    recipe.build(config, TASK, lambda _: None)
+    recipe.prepare_curation(config, TASK, lambda _: None)
+    sampled = [json.loads(line) for line in (tmp_path / "runs" / "sc" / "data" / "rows.jsonl").read_text().splitlines()]
+    train = [row for row in sampled if row["split"] == "train"]
+    assert train and all(len(row["teacher_samples"]) == 3 and set(row["teacher_samples"]) <= set(LABELS) for row in train)
+    assert any("neutral" in row["teacher_samples"] for row in train)  # only the constrained teacher says neutral
+    assert all(body["guided_choice"] == LABELS and body["temperature"] == 0.7 for body in teacher.bodies)
