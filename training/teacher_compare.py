@@ -264,6 +264,7 @@ def score_variant(task: Task, gold: list[Row], answers: list[labelling.Answer]) 
         "correct": [p is not None and p == t for p, t in zip(predicted, truth)],
         "unparsed": sum(1 for answer, p in zip(answers, predicted) if answer.error is None and p is None),
         "failed": len(answers) - len(answered),
+        "first_error": next((answer.error for answer in answers if answer.error is not None), None),
         "prompt_tokens": statistics.fmean(answer.prompt_tokens for answer in answered) if answered else 0.0,
         "latency_p50_s": latencies[len(latencies) // 2] if latencies else None,
         "latency_p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None,
@@ -335,6 +336,9 @@ def report_markdown(report: dict) -> str:
     never = [f"{r['name']} never answers {', '.join(r['never_answers'])}" for r in report["variants"] if r["never_answers"]]
     if never:
         lines += ["", "⚠ " + "; ".join(never) + "."]
+    failing = [f"{r['name']}: {r['failed']} requests failed ({r['first_error']})" for r in report["variants"] if r["failed"]]
+    if failing:
+        lines += ["", "⚠ " + "; ".join(failing)]
     return "\n".join(lines) + "\n"
 
 

@@ -173,3 +173,16 @@ def test_self_consistency_samples_ask_as_the_runs_teacher_variant(stand_in, tmp_
     assert train and all(len(row["teacher_samples"]) == 3 and set(row["teacher_samples"]) <= set(LABELS) for row in train)
     assert any("neutral" in row["teacher_samples"] for row in train)  # only the constrained teacher says neutral
     assert all(body["guided_choice"] == LABELS and body["temperature"] == 0.7 for body in teacher.bodies)
+
+
+def test_a_variant_the_server_refuses_is_reported_with_its_error(tmp_path, monkeypatch):
+    """A teacher that refuses every request (here: nothing listens) fails the variant's rows; the report says why."""
+    from serving.loopback import free_port
+
+    monkeypatch.chdir(tmp_path)
+    build_run("down", train=10, test=4)
+    assert stillhouse.main(["teacher", "compare", "--name", "down", "--teacher-url", f"http://127.0.0.1:{free_port()}",
+                            "--variant", "shots=1"]) == 0
+    report = json.loads((tmp_path / "runs" / "down" / "teacher" / "compare.json").read_text())
+    assert all(v["failed"] == 4 and "ConnectionError" in v["first_error"] for v in report["variants"])
+    assert "requests failed" in (tmp_path / "runs" / "down" / "teacher" / "compare.md").read_text()
