@@ -34,7 +34,7 @@ from training.teacher_variant import TeacherVariant, vote
 
 @dataclass(frozen=True)
 class LabellingReport:
-    """How many rows were asked, answered from the cache, answered anew, and failed."""
+    """Rows labelled; requests answered from the cache and asked anew (a voting variant asks several per row); rows that failed."""
 
     rows: int
     cached: int
