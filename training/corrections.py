@@ -16,7 +16,7 @@ Rows are worth a look when:
 corrections are gold overrides. A correction never moves a row across the train/test split: a
 file whose ``split`` differs from the row's is refused, and the split of every row is checked
 unchanged after re-curation. Each import is logged (``data/corrections.jsonl``: who, when, the
-file, counts) and recorded in the dataset card. A bad file is refused whole, every problem named
+file, counts, the ids and any ``note``) and recorded in the dataset card. A bad file is refused whole, every problem named
 by line and column.
 """
 
@@ -197,7 +197,7 @@ def import_file(config: RunConfig, task: Task, path: Path, say: Say, by: str | N
     fixed, summary = apply(rows, corrections, {row.id: row.split for row in known if row.split})
     dataset.write_rows(data_dir / "rows.jsonl", fixed)
     record = {"file": str(path), "by": by or getpass.getuser(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              **summary, "ids": [c.id for c in corrections]}
+              **summary, "ids": [c.id for c in corrections], "notes": {c.id: c.note for c in corrections if c.note}}
     with (data_dir / LOG).open("a") as log:
         log.write(json.dumps(record) + "\n")
     say(f"corrections: {summary['applied']} rows from {path.name} ({summary['changed_gold']} changed gold; "
@@ -221,7 +221,7 @@ def corrected_ids(data_dir: Path) -> set[str]:
 
 def card_section(data_dir: Path) -> list[dict]:
     """What the dataset card records of the corrections: one entry per import (who, when, counts)."""
-    return [{key: value for key, value in entry.items() if key != "ids"} for entry in rounds(data_dir)]
+    return [{key: value for key, value in entry.items() if key not in ("ids", "notes")} for entry in rounds(data_dir)]
 
 
 def check_splits(before: dict[str, str], after: dict[str, str]) -> None:

@@ -40,7 +40,6 @@ from training.teacher_variant import CURRENT, TeacherVariant
 
 Say = Callable[[str], None]
 _BOLD = re.compile(r"[*][*](.+?)[*][*]")
-GOLD_SOURCES = ("run", "generator", "corrections")  # or a .jsonl / .csv path
 
 
 class VariantError(ValueError):
