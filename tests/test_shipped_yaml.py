@@ -12,8 +12,10 @@ import yaml
 from abtest import config as traffic
 from tests.binaries import promtool
 from tests.deploy import compose_file, manifests
-from training.config import load_config
+from training import teacher_compare
+from training.config import EndpointConfig, load_config
 from training.task import load_task
+from training.teacher_variant import TeacherVariant
 
 REPO = Path(__file__).resolve().parents[1]
 _NOT_SHIPPED = {"runs", "build", "dist", "__pycache__"}  # outputs and caches, never part of the repository
@@ -21,6 +23,10 @@ _NOT_SHIPPED = {"runs", "build", "dist", "__pycache__"}  # outputs and caches, n
 
 def _run_config(path: Path) -> None:
     load_task(load_config(path).task)
+
+
+def _teacher_variants(path: Path) -> None:
+    teacher_compare.resolve(teacher_compare.load_variants(path), TeacherVariant(), EndpointConfig(url="http://127.0.0.1:8080"), load_task("demo"))
 
 
 def _promtool(*command: str):
@@ -36,6 +42,7 @@ def _grafana_provisioning(key: str):
 
 LOADERS = {
     "training/tasks/*.yaml": load_task,
+    "training/examples/*-variants.yaml": _teacher_variants,
     "training/examples/*.yaml": _run_config,
     "abtest/examples/*.yaml": traffic.load,
     "monitoring/prometheus/prometheus.yml": _promtool("check", "config"),

@@ -1,4 +1,4 @@
-"""`stillhouse data build|curate`, `label`, `train`, `eval`, `ablate`, `sweep`, `review`.
+"""`stillhouse data build|curate|corrections`, `label`, `teacher compare`, `train`, `eval`, `ablate`, `sweep`, `review`.
 
 Each takes a run config (``--config run.yaml``; else the run's saved ``runs/<name>/config.json``;
 else defaults from the task) and flags that override single fields of it.
@@ -65,6 +65,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_flags(curate, _COMMON, _DATA, _CURATION, _TEACHER)
     curate.set_defaults(handler=_curate)
+
+    corrections = data_commands.add_parser("corrections", help="export rows worth a human's look; import their labels as gold overrides")
+    corrections_commands = corrections.add_subparsers(dest="corrections_command", metavar="ACTION", required=True)
+    export = corrections_commands.add_parser("export", help="write disagreements, low-confidence and split-vote rows to a CSV/JSONL to edit")
+    _add_flags(export, _COMMON)
+    export.add_argument("--out", type=Path, default=None, help="the file to write, .csv or .jsonl (default runs/<name>/corrections/review.csv)")
+    export.add_argument("--low-fraction", type=float, default=0.1, help="share of labelled rows with the lowest teacher log-probability per token to include")
+    export.add_argument("--limit", type=int, default=None, help="write at most N rows")
+    export.set_defaults(handler=_corrections_export)
+    imports = corrections_commands.add_parser("import", help="apply the labels of an edited export as gold overrides (recorded in the dataset card)")
+    _add_flags(imports, _COMMON)
+    imports.add_argument("file", type=Path, help="the edited .csv or .jsonl")
+    imports.add_argument("--by", default=None, help="who made the corrections (default: the current user)")
+    imports.set_defaults(handler=_corrections_import)
+
+    teacher = subparsers.add_parser("teacher", help="compare teacher variants on gold rows and choose the one to label with")
+    teacher_commands = teacher.add_subparsers(dest="teacher_command", metavar="ACTION", required=True)
+    compare = teacher_commands.add_parser("compare", help="score teacher variants (each changes one thing) on gold rows; mark the best")
+    _add_flags(compare, _COMMON, _DATA, _TEACHER)
+    compare.add_argument("--variants", type=Path, default=None, help="YAML file: variants: [{name, base, <one change>}, ...]")
+    compare.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
+                         help="a variant changing one thing, repeatable: shots=6, selection=balanced, constrain=true, temperature=0.5, "
+                              "votes=5, instruction='...', endpoint.model=NAME")
+    compare.add_argument("--gold", default="run", help="gold rows: run (the run's test rows), generator, corrections, or a labelled .jsonl/.csv")
+    compare.add_argument("--limit", type=int, default=None, help="score only the first N gold rows")
+    compare.add_argument("--apply", nargs="?", const="best", default=None, metavar="VARIANT",
+                         help="write the best variant (or the one named) into the run config `stillhouse label` uses")
+    compare.set_defaults(handler=_teacher_compare)
 
     label = subparsers.add_parser("label", help="label the run's rows with a teacher endpoint (resumable)")
     _add_flags(label, _COMMON, _TEACHER)
@@ -154,11 +182,12 @@ def _run(function) -> int:
     from training.config import ConfigError
     from training.dataset import DatasetError
     from training.task import TaskError
+    from training.corrections import CorrectionsError
     from training.lora import NotServableConfigError
 
     try:
         function()
-    except (ConfigError, TaskError, DatasetError, NotServableConfigError) as error:
+    except (ConfigError, TaskError, DatasetError, NotServableConfigError, CorrectionsError) as error:
         print(f"stillhouse: {error}", file=sys.stderr)
         return 2
     return 0
@@ -201,6 +230,68 @@ def _label(args: argparse.Namespace) -> int:
         recipe.label_rows(config, load_task(config.task), config.teacher, recipe.stderr, relabel=args.relabel)
 
     return _run(run)
+
+
+def _corrections_export(args: argparse.Namespace) -> int:
+    from training import corrections, recipe
+    from training.task import load_task
+
+    def run():
+        config = _config(args)
+        out = args.out or config.run_dir / "corrections" / "review.csv"
+        records = corrections.export(config.run_dir, load_task(config.task), out, args.low_fraction, args.limit)
+        reasons = ", ".join(f"{reason} {sum(reason in r['reasons'].split(';') for r in records)}" for reason in corrections.REASONS)
+        recipe.stderr(f"{len(records)} rows worth a look ({reasons}); fill the label column and run "
+                      f"`stillhouse data corrections import {out} --name {config.name}`")
+        print(out)
+
+    return _run(run)
+
+
+def _corrections_import(args: argparse.Namespace) -> int:
+    from training import corrections, recipe
+    from training.task import load_task
+
+    def run():
+        config = _config(args)
+        record = corrections.import_file(config, load_task(config.task), args.file, recipe.stderr, by=args.by)
+        print(f"{record['applied']} corrections applied ({record['changed_gold']} changed gold)")
+
+    return _run(run)
+
+
+def _teacher_compare(args: argparse.Namespace) -> int:
+    from training import recipe
+    from training import teacher_compare as comparing
+    from training.config import ConfigError
+    from training.task import load_task
+
+    def run():
+        config = _config(args)
+        task = load_task(config.task)
+        if config.teacher is None:
+            raise ConfigError("no teacher: pass --teacher-url URL (or set teacher.url in the run config)")
+        specs = comparing.load_variants(args.variants) if args.variants else []
+        specs += [comparing.parse_flag(text) for text in args.variant]
+        candidates = comparing.resolve(specs, config.teacher_variant, config.teacher, task)
+        gold, pool = comparing.gold_rows(config, task, args.gold, args.limit)
+        report = comparing.compare(config, task, candidates, gold, pool, args.gold, recipe.stderr)
+        paths = comparing.write_report(report, config.run_dir / "teacher")
+        print(comparing.report_markdown(report), end="")
+        print("\n".join(str(path) for path in paths))
+        if args.apply is not None:
+            name = report["best"] if args.apply == "best" else args.apply
+            chosen = next((candidate for candidate in candidates if candidate.name == name), None)
+            if chosen is None:
+                raise ConfigError(f"--apply {name!r}: no such variant; use one of {', '.join(c.name for c in candidates)}")
+            comparing.apply(config, chosen)
+            recipe.stderr(f"teacher variant {name} written to {config.run_dir / 'config.json'}; `stillhouse label --name {config.name} --relabel` labels with it")
+
+    try:
+        return _run(run)
+    except comparing.VariantError as error:
+        print(f"stillhouse: {error}", file=sys.stderr)
+        return 2
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from training import judge
 from training.task import describe_errors
+from training.teacher_variant import TeacherVariant
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -158,6 +159,7 @@ class RunConfig(_Strict):
     runs_dir: str = "runs"
     registry: str | None = None
     teacher: EndpointConfig | None = None
+    teacher_variant: TeacherVariant = Field(default_factory=TeacherVariant)  # how the teacher is asked (`stillhouse teacher compare --apply`)
     data: DataConfig = Field(default_factory=DataConfig)
     curation: CurationConfig = Field(default_factory=CurationConfig)
     lora: LoraSettings = Field(default_factory=LoraSettings)

@@ -7,8 +7,9 @@ scored). The curation steps that use them (:func:`training.curation.self_consist
 :func:`training.curation.rank`) are pure.
 
 Answers go to a resumable cache like the labelling one (:mod:`training.answer_cache`), so an
-interrupted stage resumes where it stopped and a re-run asks nothing. A sample's
-key is (endpoint, prompt, generation settings, sample index): the endpoint protocol exposes no
+interrupted stage resumes where it stopped and a re-run asks nothing. Samples are asked as the
+run's teacher variant votes (:func:`training.labelling.ask`); a sample's key is (endpoint,
+prompt, generation settings, sample index): the endpoint protocol exposes no
 sampling seed here, so the samples are unseeded draws, made reproducible by the cache rather
 than by the server. A row whose request fails for good gets ``teacher_samples_error`` /
 ``judge_error`` and no samples / score; curation then drops it with its reason.
@@ -20,12 +21,14 @@ import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from training import answer_cache
+from training import answer_cache, labelling
 from training import judge as judge_prompts
 from training.config import SelfConsistencyConfig
 from training.endpoint import Endpoint
 from training.row import Row
+from training.shots import ShotPool
 from training.task import Generation, Task
+from training.teacher_variant import TeacherVariant
 
 
 @dataclass(frozen=True)
@@ -39,32 +42,27 @@ class StageReport:
 
 
 def sample_teacher(
-    rows: list[Row], task: Task, teacher: Endpoint, settings: SelfConsistencyConfig, cache_path: Path, only: set[str]
+    rows: list[Row], task: Task, teacher: Endpoint, settings: SelfConsistencyConfig, cache_path: Path, only: set[str],
+    variant: TeacherVariant = TeacherVariant(), pool: ShotPool | None = None,
 ) -> tuple[list[Row], StageReport]:
     """Rows whose id is in ``only`` get ``teacher_samples``: ``settings.samples`` answers of the
-    teacher's prompt at ``settings.temperature``; the other rows are returned unchanged."""
-    generation = task.generation.model_copy(update={"temperature": settings.temperature})
+    teacher asked as ``variant`` (the run's teacher variant, shots from ``pool``) at
+    ``settings.temperature``; the other rows are returned unchanged."""
+    sampling = variant.model_copy(update={"votes": settings.samples, "vote_temperature": settings.temperature})
     todo = [row for row in rows if row.id in only]
-    jobs = []
-    for row in todo:
-        prompt = task.teacher_prompt(row.inputs)
-        jobs += [(_key(teacher, prompt, generation, index), prompt) for index in range(settings.samples)]
-    answers, cached = _ask_all(teacher, jobs, generation, cache_path)
-
-    by_row = {row.id: answers[position * settings.samples : (position + 1) * settings.samples] for position, row in enumerate(todo)}
+    answers, cached, requested = labelling.ask(todo, task, teacher, cache_path, sampling, pool)
+    by_row = {row.id: answer for row, answer in zip(todo, answers)}
     sampled, failed = [], 0
     for row in rows:
-        if row.id not in by_row:
+        answer = by_row.get(row.id)
+        if answer is None:
             sampled.append(row)
-            continue
-        errors = [answer["error"] for answer in by_row[row.id] if "error" in answer]
-        if errors:
+        elif answer.error is not None:
             failed += 1
-            sampled.append(replace(row, teacher_samples=None, teacher_samples_error=errors[0]))
+            sampled.append(replace(row, teacher_samples=None, teacher_samples_error=answer.error))
         else:
-            samples = [answer["text"].strip() for answer in by_row[row.id]]
-            sampled.append(replace(row, teacher_samples=samples, teacher_samples_error=None))
-    return sampled, StageReport(len(todo), cached, len(jobs) - cached, failed)
+            sampled.append(replace(row, teacher_samples=answer.samples, teacher_samples_error=None))
+    return sampled, StageReport(len(todo), cached, requested, failed)
 
 
 def judge(rows: list[Row], task: Task, judge_endpoint: Endpoint, template: str, cache_path: Path, outputs: dict[str, str]) -> tuple[list[Row], StageReport]:

@@ -287,6 +287,12 @@ def card_markdown(card: dict) -> str:
     for name, split_card in card["splits"].items():
         outputs = ", ".join(f"{key}: {value}" for key, value in split_card["outputs"].items())
         lines.append(f"| {name} | {split_card['rows']} | {outputs} |")
+    if card.get("corrections"):
+        lines += ["", "Human corrections (gold overrides; no row changes split):", "", "| when | by | file | rows | gold changed | by split | changes |", "|---|---|---|---|---|---|---|"]
+        for entry in card["corrections"]:
+            splits = ", ".join(f"{key}: {value}" for key, value in entry["by_split"].items())
+            changes = ", ".join(f"{key}: {value}" for key, value in entry["changes"].items()) or "—"
+            lines.append(f"| {entry['at']} | {entry['by']} | `{entry['file']}` | {entry['applied']} | {entry['changed_gold']} | {splits} | {changes} |")
     return "\n".join(lines) + "\n"
 
 

@@ -68,18 +68,20 @@ class Endpoint:
         """``protocol:url#model``: what lineage and caches record as the model that answered."""
         return f"{self.config.protocol}:{self.config.url}#{self.config.model or ''}"
 
-    def complete(self, prompt: str, generation: Generation, top_k: int = 0) -> Completion:
+    def complete(self, prompt: str, generation: Generation, top_k: int = 0, constraint: dict | None = None) -> Completion:
         """The endpoint's completion of ``prompt``, retried on transient failures.
 
         ``top_k`` > 0 also asks for the ``top_k`` most likely tokens at each generated position
         (LoRAX ``return_k_alternatives``; OpenAI ``logprobs`` with vLLM's
-        ``return_tokens_as_token_ids``, so that tokens come back as ids).
+        ``return_tokens_as_token_ids``, so that tokens come back as ids). ``constraint`` holds
+        extra request fields that constrain the answer (LoRAX ``response_format``; OpenAI
+        ``guided_choice`` / ``guided_regex`` / ``response_format``).
         """
         attempts = self.config.retries + 1
         for attempt in range(attempts):
             started = time.perf_counter()
             try:
-                answer = self._call(prompt, generation, top_k)
+                answer = self._call(prompt, generation, top_k, constraint or {})
                 return dataclasses.replace(answer, latency_s=time.perf_counter() - started)
             except Exception as error:  # noqa: BLE001 - classified below, re-raised when permanent
                 if _is_permanent(error) or attempt == attempts - 1:
@@ -87,7 +89,7 @@ class Endpoint:
                 time.sleep(min(8.0, 0.25 * 2**attempt))
         raise AssertionError("unreachable")
 
-    def _call(self, prompt: str, generation: Generation, top_k: int) -> Completion:
+    def _call(self, prompt: str, generation: Generation, top_k: int, constraint: dict) -> Completion:
         sampling = generation.temperature > 0
         if self.config.protocol == "lorax":
             response = self._lorax.generate(
@@ -98,6 +100,7 @@ class Endpoint:
                 do_sample=sampling,
                 temperature=generation.temperature if sampling else None,
                 return_k_alternatives=top_k or None,
+                **constraint,
             )
             tokens = response.details.tokens
             top = None
@@ -118,7 +121,7 @@ class Endpoint:
             temperature=generation.temperature,
             stop=generation.stop or None,
             logprobs=top_k,
-            **({"extra_body": {"return_tokens_as_token_ids": True}} if top_k else {}),
+            extra_body={**({"return_tokens_as_token_ids": True} if top_k else {}), **constraint} or None,
         )
         choice = response.choices[0]
         prompt_tokens = response.usage.prompt_tokens if response.usage else 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from serving import base_models
 from serving.registry import AdapterEntry, Registry, default_registry_dir
-from training import consistency, curation, dataset, distributed, lora, trainer
+from training import consistency, corrections, curation, dataset, distributed, lora, shots, trainer
 from training.config import ConfigError, EndpointConfig, RunConfig
 from training.endpoint import Endpoint
 from training.evaluation import EvalReport, evaluate, report_markdown
@@ -45,7 +45,7 @@ def build(config: RunConfig, task: Task, say: Say) -> list[Row]:
 
 
 def label_rows(config: RunConfig, task: Task, teacher: EndpointConfig, say: Say, relabel: bool = False) -> LabellingReport:
-    """Ask the teacher for every row without an output (all rows with ``relabel``); rewrite ``rows.jsonl``.
+    """Ask the teacher (as ``teacher_variant``) for every row without an output (all rows with ``relabel``); rewrite ``rows.jsonl``.
 
     With logit distillation (``train.kd_ratio`` > 0) the teacher's top ``train.kd_top_k`` tokens
     per generated position are asked for as well.
@@ -54,9 +54,13 @@ def label_rows(config: RunConfig, task: Task, teacher: EndpointConfig, say: Say,
     rows = dataset.read_rows(path)
     top_k = config.train.kd_top_k if config.train.kd_ratio > 0 else 0
     cache = _data_dir(config) / "teacher_cache.jsonl"
-    labelled, report = label(rows, task, Endpoint(teacher), cache, relabel=relabel, top_k=top_k)
+    variant = config.teacher_variant
+    if variant.problems(task):
+        raise ConfigError("; ".join(variant.problems(task)))
+    labelled, report = label(rows, task, Endpoint(teacher), cache, relabel=relabel, top_k=top_k, variant=variant,
+                             pool=shots.pool_for(variant, task, rows, config.data))
     dataset.write_rows(path, labelled)
-    say(f"labelled {report.rows} rows: {report.cached} from the cache, {report.requested} asked, "
+    say(f"labelled {report.rows} rows as teacher variant {variant.name}: {report.cached} from the cache, {report.requested} asked, "
         f"{report.failed} failed, {report.mean_prompt_tokens:.1f} prompt tokens per request")
     return report
 
@@ -78,7 +82,8 @@ def sample_teacher(config: RunConfig, task: Task, teacher: EndpointConfig, say: 
     rows = dataset.read_rows(path)
     candidates = curation.training_rows_before("self_consistency", rows, task, config.curation, config.data)
     sampled, report = consistency.sample_teacher(
-        rows, task, Endpoint(teacher), settings, _data_dir(config) / "samples_cache.jsonl", {row.id for row in candidates}
+        rows, task, Endpoint(teacher), settings, _data_dir(config) / "samples_cache.jsonl", {row.id for row in candidates},
+        config.teacher_variant, shots.pool_for(config.teacher_variant, task, rows, config.data),
     )
     dataset.write_rows(path, sampled)
     say(f"sampled the teacher {settings.samples}x at temperature {settings.temperature} on {report.rows} training rows: "
@@ -112,6 +117,8 @@ def curate(config: RunConfig, task: Task, say: Say) -> dict:
     for split in dataset.SPLITS:
         dataset.write_rows(data_dir / f"{split}.jsonl", [row for row in curated if row.split == split])
     card = curation.dataset_card(task, config.data.source, curated, reports, _teacher_name(config, rows))
+    if corrections.rounds(data_dir):
+        card["corrections"] = corrections.card_section(data_dir)
     curation.write_card(data_dir, card)
     for report in reports:
         dropped = ", ".join(f"{reason} {count}" for reason, count in report["dropped"].items()) or "none dropped"

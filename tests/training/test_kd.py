@@ -218,7 +218,7 @@ def test_label_rows_asks_the_teacher_for_top_k_only_with_kd(tmp_path, monkeypatc
     dataset.write_rows(config.run_dir / "data" / "rows.jsonl", [Row(id="a", inputs={"review": "x"})])
     calls = []
 
-    def fake_label(rows, task, teacher, cache, *, relabel, top_k):
+    def fake_label(rows, task, teacher, cache, *, relabel, top_k, **variant):  # variant and pool: how the teacher is asked
         calls.append(top_k)
         return rows, LabellingReport(len(rows), 0, len(rows), 0, 0.0)
 
