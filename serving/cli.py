@@ -190,6 +190,10 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="serve the base model and registry adapters (LoRAX + OpenAI APIs)")
     _add_server_flags(serve, default_port=8080)
     add_request_log_flag(serve, "records every exchange (the training data source)")
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=None,
+        help="refuse request bodies larger than this with 413 (default: 4 MiB, far above what a prompt of the model's context needs)",
+    )  # fmt: skip
     serve.set_defaults(handler=_serve)
 
 
@@ -239,13 +243,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
     """The settings the `serve` and `demo` flags describe."""
-    from serving.service import ServerSettings, ServeSettings
+    from serving.service import DEFAULT_MAX_BODY_BYTES, ServerSettings, ServeSettings
 
     server = ServerSettings(
         profile=args.profile,
         admin_token=args.admin_token,
         default_max_new_tokens=args.default_max_new_tokens,
         request_log=getattr(args, "request_log", None),  # `demo` has no request log
+        max_body_bytes=getattr(args, "max_body_bytes", None) or DEFAULT_MAX_BODY_BYTES,
     )
     return ServeSettings(
         base=args.base,
