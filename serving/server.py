@@ -103,8 +103,8 @@ def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if service.settings.request_log and service.request_log is None:
-            dropped = RequestLogMetrics(service.metrics.registry).dropped_rows.labels("server")
-            service.request_log = RequestLog.open(service.settings.request_log, on_drop=dropped.inc)
+            hooks = RequestLogMetrics(service.metrics.registry).hooks("server")
+            service.request_log = RequestLog.open(service.settings.request_log, **hooks)
         await service.engine.start()
         service.metrics.set_info(type(service.engine).__name__, service.engine.model_name, service.settings.profile)
         app.state.ready = True
