@@ -62,7 +62,8 @@ def admin_routes(service: Service) -> APIRouter:
             try:
                 service.registry.add(Path(body.lora_path), body.lora_name, base_dir=service.base_dir, profile=service.settings.profile)
             except NotServableError as error:
-                raise AdapterRefusedError(error.message) from error
+                reasons = "; ".join(str(violation) for violation in error.violations)
+                raise AdapterRefusedError(f"{error.message}: {reasons}") from error
         await service.ensure_resident(service.resolve(body.lora_name))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
