@@ -99,8 +99,7 @@ def _adapters_check(args: argparse.Namespace) -> int:
         print(f"servable ({args.profile} profile, base {args.base}): {args.path}")
         return 0
     print(f"not servable ({args.profile} profile, base {args.base}): {args.path}", file=sys.stderr)
-    for violation in violations:
-        print(f"  - {violation}", file=sys.stderr)
+    print("\n".join(servability.report_lines(violations)), file=sys.stderr)
     return 1
 
 
@@ -111,7 +110,7 @@ def _open_registry(args: argparse.Namespace):
 
 
 def _adapters_add(args: argparse.Namespace) -> int:
-    from serving import base_models
+    from serving import base_models, servability
     from serving.registry import NotServableError
 
     base_dir = base_models.provision(args.base)
@@ -119,8 +118,7 @@ def _adapters_add(args: argparse.Namespace) -> int:
         entry = _open_registry(args).add(args.path, args.name, base_dir=base_dir, profile=args.profile)
     except NotServableError as error:
         print(f"refused: {error.message}", file=sys.stderr)
-        for violation in error.violations:
-            print(f"  - {violation}", file=sys.stderr)
+        print("\n".join(servability.report_lines(error.violations)), file=sys.stderr)
         return 1
     print(f"added {entry.id} ({entry.path})")
     return 0

@@ -78,10 +78,9 @@ class NotServableError(AdapterNotServableError):
     """``add`` refused an adapter; ``violations`` holds every reason."""
 
     def __init__(self, source: Path, profile: str, violations: list[Violation]):
-        fields = ", ".join(dict.fromkeys(violation.field for violation in violations))
-        super().__init__(
-            f"{source} is not servable under the {profile} profile: {len(violations)} violation(s) ({fields})"
-        )
+        causes = [violation for violation in violations if not violation.folded]
+        fields = ", ".join(dict.fromkeys(violation.field for violation in causes))
+        super().__init__(f"{source} is not servable under the {profile} profile: {len(causes)} violation(s) ({fields})")
         self.violations = violations
 
 

@@ -123,7 +123,7 @@ class Service:
         if entry.id not in self._servable:
             violations = servability.check_adapter(entry.path, self.base_dir, profile=self.settings.profile)
             if violations:
-                reasons = "; ".join(str(v) for v in violations)
+                reasons = servability.summary(violations)
                 raise AdapterNotServableError(f"adapter {entry.id} is not servable here ({self.settings.profile} profile): {reasons}")
             self._servable.add(entry.id)
         return AdapterRef(adapter_id=entry.id, path=entry.path)

@@ -8,7 +8,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
-from serving import auth
+from serving import auth, servability
 from serving.errors import AdapterRefusedError, NotFoundError, ValidationError
 from serving.protocol.wire import WireModel
 from serving.registry import NotServableError
@@ -62,8 +62,7 @@ def admin_routes(service: Service) -> APIRouter:
             try:
                 service.registry.add(Path(body.lora_path), body.lora_name, base_dir=service.base_dir, profile=service.settings.profile)
             except NotServableError as error:
-                reasons = "; ".join(str(violation) for violation in error.violations)
-                raise AdapterRefusedError(f"{error.message}: {reasons}") from error
+                raise AdapterRefusedError(f"{error.message}: {servability.summary(error.violations)}") from error
         await service.ensure_resident(service.resolve(body.lora_name))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
