@@ -189,10 +189,16 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     _add_server_flags(serve, default_port=8080)
     add_request_log_flag(serve, "records every exchange (the training data source)")
     serve.add_argument(
-        "--max-body-bytes", type=int, default=None,
-        help="refuse request bodies larger than this with 413 (default: 4 MiB, far above what a prompt of the model's context needs)",
+        "--max-body-bytes", type=_positive_int, default=None,
+        help="refuse request bodies larger than this with 413 (default: 1 MiB, far above what a prompt of the model's context needs)",
     )  # fmt: skip
     serve.set_defaults(handler=_serve)
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) == 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+    return int(value)
 
 
 def add_request_log_flag(parser: argparse.ArgumentParser, records: str) -> None:

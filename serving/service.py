@@ -28,7 +28,7 @@ from serving.registry import Registry
 from serving.request_log import Exchange, RequestLog
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # far above any prompt a model's context holds
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB, as the router's: far above any prompt a model's context holds
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ def has_error_shape(response: requests.Response) -> bool:
     return isinstance(body, dict) and set(body) == SHAPE and all(isinstance(body[k], str) and body[k] for k in SHAPE)
 
 
-def fuzz(base_url: str, *, headers: dict[str, str] | None = None, examples: int = 25, timeout_s: float = 60) -> FuzzReport:
+def fuzz(base_url: str, *, headers: dict[str, str] | None = None, examples: int = 20, timeout_s: float = 60) -> FuzzReport:
     """Fuzz every operation of the app at ``base_url``; ``headers`` go with every case (e.g. an admin token)."""
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     report = FuzzReport()

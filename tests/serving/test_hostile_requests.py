@@ -129,7 +129,7 @@ def test_a_body_over_the_limit_is_a_413_declared_or_streamed(server):
 
 def test_a_long_prompt_is_tokenized_off_the_event_loop(tiny_base_dir, registry_dir):
     prompt = "lorem ipsum dolor sit amet " * 100_000  # 2.7 MB: seconds of tokenization
-    with running_server(tiny_base_dir, registry_dir, default_max_new_tokens=1) as (url, _):
+    with running_server(tiny_base_dir, registry_dir, default_max_new_tokens=1, max_body_bytes=4 << 20) as (url, _):
         done = threading.Event()
         answers = []
 

@@ -17,7 +17,7 @@ def server(tmp_path_factory, tiny_base_dir):
     root = tmp_path_factory.mktemp("fuzz")
     Registry(root / "registry").add(make_lora_adapter(tiny_base_dir, root / "alpha", r=8, seed=1), "alpha", base_dir=tiny_base_dir)
     # Short generations keep a few hundred cases quick; the limits themselves are fuzzed through the schema.
-    with running_server(tiny_base_dir, root / "registry", admin_token=ADMIN, default_max_new_tokens=4, max_total_tokens=64,
+    with running_server(tiny_base_dir, root / "registry", admin_token=ADMIN, default_max_new_tokens=4, max_total_tokens=32,
                         request_log=root / "log.db") as (url, service):
         yield url, service
 
