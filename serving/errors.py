@@ -19,7 +19,6 @@ from starlette.exceptions import HTTPException
 
 from serving.surrogates import replace_surrogates
 
-
 # Framework-raised statuses and the LoRAX error type each answers under (other 4xx: validation).
 _HTTP_ERROR_TYPES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 429: "overloaded"}
 
@@ -161,7 +160,6 @@ def request_validation_error(error: RequestValidationError) -> ValidationError:
         where = ".".join(str(part) for part in problem["loc"] if part != "body")
         messages.append(f"{where or 'body'}: {problem['msg']}")
     return ValidationError("; ".join(messages))
-
 
 
 def http_error(error: HTTPException, request: Request) -> ServingError:
