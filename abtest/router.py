@@ -209,8 +209,7 @@ class Router:
         connector = aiohttp.TCPConnector(limit=self.settings.max_connections)
         self.client = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         if self.settings.request_log:
-            dropped = self.metrics.request_log.dropped_rows.labels("router")
-            self.request_log = RequestLog.open(self.settings.request_log, on_drop=dropped.inc)
+            self.request_log = RequestLog.open(self.settings.request_log, **self.metrics.request_log.hooks("router"))
 
     async def stop(self) -> None:
         for task in list(self._shadows):

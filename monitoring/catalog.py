@@ -170,9 +170,16 @@ SERVER_ADAPTER_LOAD = MetricSpec(
 
 REQUEST_LOG_DROPPED_ROWS = MetricSpec(
     "stillhouse_request_log_dropped_rows_total", Kind.COUNTER,
-    "Request-log rows dropped: the writer fell behind, or the store refused a batch (e.g. the database is down).",
+    "Request-log rows dropped: the writer fell behind, the store refused a batch (e.g. the database is down), "
+    "or it refused one row on its own (the rest of its batch is stored).",
     ("component",), {"component": REQUEST_LOG_COMPONENTS}, component="server, router",
 )
+REQUEST_LOG_SANITISED_ROWS = MetricSpec(
+    "stillhouse_request_log_sanitised_rows_total", Kind.COUNTER,
+    "Request-log rows stored with text no store can hold (lone UTF-16 surrogates) replaced by U+FFFD.",
+    ("component",), {"component": REQUEST_LOG_COMPONENTS}, component="server, router",
+)
+REQUEST_LOG_METRICS = (REQUEST_LOG_DROPPED_ROWS, REQUEST_LOG_SANITISED_ROWS)
 
 # --- router --------------------------------------------------------------------------------
 
@@ -273,7 +280,7 @@ ROUTER_METRICS = (
 )
 ROLLOUT_METRICS = (ROLLOUT_DECISIONS, ROLLOUT_VERDICT, ROLLOUT_WEIGHT, ROLLOUT_SRM_P_VALUE, ROLLOUT_PRIMARY_P_VALUE)
 #: every metric, in the order the documentation lists them
-ALL_METRICS = (*SERVER_METRICS, REQUEST_LOG_DROPPED_ROWS, *ROUTER_METRICS, *ROLLOUT_METRICS)
+ALL_METRICS = (*SERVER_METRICS, *REQUEST_LOG_METRICS, *ROUTER_METRICS, *ROLLOUT_METRICS)
 BY_NAME = {spec.name: spec for spec in ALL_METRICS}
 
 

@@ -74,6 +74,11 @@ class RequestLogMetrics:
 
     def __init__(self, registry: CollectorRegistry):
         self.dropped_rows = collector(catalog.REQUEST_LOG_DROPPED_ROWS, registry)
+        self.sanitised_rows = collector(catalog.REQUEST_LOG_SANITISED_ROWS, registry)
+
+    def hooks(self, component: str) -> dict:
+        """The ``RequestLog`` callbacks that count ``component``'s dropped and sanitised rows."""
+        return {"on_drop": self.dropped_rows.labels(component).inc, "on_sanitise": self.sanitised_rows.labels(component).inc}
 
 
 class RouterMetrics:

@@ -7,8 +7,10 @@ how much of a guess was right.
 from __future__ import annotations
 
 import hmac
-from typing import Collection
+from typing import Callable, Collection
 
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from starlette.requests import HTTPConnection
 
 from serving.errors import ForbiddenError, UnauthorizedError
@@ -36,6 +38,31 @@ def check_admin(connection: HTTPConnection, admin_token: str | None, *, command:
         raise UnauthorizedError("send the admin token as `Authorization: Bearer TOKEN`")
     if not _matches(token, admin_token):
         raise ForbiddenError("wrong admin token")
+
+
+def is_admin(connection: HTTPConnection, admin_token: str | None) -> bool:
+    """The call carries the admin token (False when the admin API is disabled)."""
+    token = bearer_token(connection)
+    return bool(admin_token) and token is not None and _matches(token, admin_token)
+
+
+def admin_route(admin_token: str | None, *, command: str) -> type[APIRoute]:
+    """A route class that checks the admin token (``check_admin``) before the body is read or validated.
+
+    A caller without the token learns nothing about the body a route expects: 401/403 comes first.
+    """
+
+    class AdminRoute(APIRoute):
+        def get_route_handler(self) -> Callable:
+            handler = super().get_route_handler()
+
+            async def checked(request: Request) -> Response:
+                check_admin(request, admin_token, command=command)
+                return await handler(request)
+
+            return checked
+
+    return AdminRoute
 
 
 def check_api_key(connection: HTTPConnection, api_keys: Collection[str]) -> None:

@@ -131,6 +131,18 @@ def base_identity(base_dir: Path) -> BaseIdentity:
     return BaseIdentity(name, aliases, str(config.get("model_type", "")), base_dir)
 
 
+def known_base_name(name_or_path: str) -> str | None:
+    """The known base (a ``--base`` name) that ``name_or_path`` refers to: its name, an alias, or a directory Stillhouse built."""
+    canonical = _canonical_name(name_or_path)
+    if canonical is not None:
+        return canonical
+    try:
+        manifest = _read_manifest(Path(name_or_path).expanduser())
+    except (OSError, ValueError):  # not a path this machine can read
+        return None
+    return manifest["name"] if manifest is not None and manifest.get("name") in KNOWN_BASES else None
+
+
 def load_tokenizer(base_dir: Path):
     """The base's tokenizer, as every engine and the trainer load it."""
     from transformers import AutoTokenizer

@@ -99,8 +99,7 @@ def _adapters_check(args: argparse.Namespace) -> int:
         print(f"servable ({args.profile} profile, base {args.base}): {args.path}")
         return 0
     print(f"not servable ({args.profile} profile, base {args.base}): {args.path}", file=sys.stderr)
-    for violation in violations:
-        print(f"  - {violation}", file=sys.stderr)
+    print("\n".join(servability.report_lines(violations)), file=sys.stderr)
     return 1
 
 
@@ -111,7 +110,7 @@ def _open_registry(args: argparse.Namespace):
 
 
 def _adapters_add(args: argparse.Namespace) -> int:
-    from serving import base_models
+    from serving import base_models, servability
     from serving.registry import NotServableError
 
     base_dir = base_models.provision(args.base)
@@ -119,8 +118,7 @@ def _adapters_add(args: argparse.Namespace) -> int:
         entry = _open_registry(args).add(args.path, args.name, base_dir=base_dir, profile=args.profile)
     except NotServableError as error:
         print(f"refused: {error.message}", file=sys.stderr)
-        for violation in error.violations:
-            print(f"  - {violation}", file=sys.stderr)
+        print("\n".join(servability.report_lines(error.violations)), file=sys.stderr)
         return 1
     print(f"added {entry.id} ({entry.path})")
     return 0
@@ -190,7 +188,17 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="serve the base model and registry adapters (LoRAX + OpenAI APIs)")
     _add_server_flags(serve, default_port=8080)
     add_request_log_flag(serve, "records every exchange (the training data source)")
+    serve.add_argument(
+        "--max-body-bytes", type=_positive_int, default=None,
+        help="refuse request bodies larger than this with 413 (default: 1 MiB, far above what a prompt of the model's context needs)",
+    )  # fmt: skip
     serve.set_defaults(handler=_serve)
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) == 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+    return int(value)
 
 
 def add_request_log_flag(parser: argparse.ArgumentParser, records: str) -> None:
@@ -239,13 +247,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
     """The settings the `serve` and `demo` flags describe."""
-    from serving.service import ServerSettings, ServeSettings
+    from serving.service import DEFAULT_MAX_BODY_BYTES, ServerSettings, ServeSettings
 
     server = ServerSettings(
         profile=args.profile,
         admin_token=args.admin_token,
         default_max_new_tokens=args.default_max_new_tokens,
         request_log=getattr(args, "request_log", None),  # `demo` has no request log
+        max_body_bytes=getattr(args, "max_body_bytes", None) or DEFAULT_MAX_BODY_BYTES,
     )
     return ServeSettings(
         base=args.base,

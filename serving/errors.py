@@ -9,11 +9,18 @@ request is counted under (``monitoring.catalog.OUTCOMES``; ``upstream_error`` is
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from serving.surrogates import replace_surrogates
+
+# Framework-raised statuses and the LoRAX error type each answers under (other 4xx: validation).
+_HTTP_ERROR_TYPES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 429: "overloaded"}
 
 
 class ServingError(Exception):
@@ -24,6 +31,7 @@ class ServingError(Exception):
     outcome: str | None = "generation"
 
     def __init__(self, message: str):
+        message = replace_surrogates(message)  # it may quote the request, and must encode as UTF-8
         super().__init__(message)
         self.message = message
 
@@ -44,6 +52,27 @@ class PayloadTooLargeError(ValidationError):
     """The request body is over the size limit."""
 
     status_code = 413
+
+
+class FrameworkError(ServingError):
+    """An error the web framework raised before any handler ran (no such path, wrong method, unreadable body)."""
+
+    status_code = 400
+    error_type = "validation"
+    outcome = None
+
+    def __init__(self, message: str, status_code: int = 400):
+        super().__init__(message)
+        self.status_code = status_code
+        self.error_type = _HTTP_ERROR_TYPES.get(status_code, "validation" if status_code < 500 else "internal")
+
+
+class InternalError(ServingError):
+    """A bug: the server failed in a way no request should cause (the log has the traceback)."""
+
+    status_code = 500
+    error_type = "internal"
+    outcome = None
 
 
 class AdapterNotFoundError(ServingError):
@@ -141,11 +170,25 @@ def request_validation_error(error: RequestValidationError) -> ValidationError:
     return ValidationError("; ".join(messages))
 
 
+def http_error(error: HTTPException, request: Request) -> ServingError:
+    """A framework-raised HTTP error (no such path, wrong method, unreadable body) as a ``ServingError``."""
+    status = error.status_code
+    where = f"{request.method} {request.url.path}"
+    if status == 404:
+        message = f"{where}: no such route; /openapi.json lists them"
+    elif status == 405:
+        allowed = {k.lower(): v for k, v in (error.headers or {}).items()}.get("allow", "another method")
+        message = f"{where}: method not allowed; use {allowed}"
+    else:
+        message = f"{where}: {error.detail or HTTPStatus(status).phrase}"
+    return FrameworkError(message, status)
+
+
 def install_error_handlers(app: FastAPI, on_invalid_body: Callable[[Request], None] | None = None) -> None:
-    """Answer every ``ServingError`` and every unparseable body of ``app`` as ``{"error", "error_type"}``.
+    """Answer every error of ``app`` as ``{"error", "error_type"}``: ``ServingError``s, framework errors, bugs.
 
     ``on_invalid_body`` is told about bodies FastAPI refused before a handler ran (the server
-    counts them, as no handler did).
+    counts them, as no handler did). A bug answers 500 ``internal`` without its traceback.
     """
 
     async def serving_error(request: Request, error: ServingError) -> JSONResponse:
@@ -156,5 +199,16 @@ def install_error_handlers(app: FastAPI, on_invalid_body: Callable[[Request], No
             on_invalid_body(request)
         return await serving_error(request, request_validation_error(error))
 
+    async def framework_error(request: Request, error: HTTPException) -> JSONResponse:
+        response = await serving_error(request, http_error(error, request))
+        response.headers.update(error.headers or {})  # e.g. the Allow header of a 405
+        return response
+
+    async def bug(request: Request, error: Exception) -> JSONResponse:
+        # Starlette re-raises the error after this answer, so uvicorn logs its traceback.
+        return await serving_error(request, InternalError("internal server error; the server log has the details"))
+
     app.add_exception_handler(ServingError, serving_error)
     app.add_exception_handler(RequestValidationError, invalid_body)
+    app.add_exception_handler(HTTPException, framework_error)
+    app.add_exception_handler(Exception, bug)

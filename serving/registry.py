@@ -78,10 +78,9 @@ class NotServableError(AdapterNotServableError):
     """``add`` refused an adapter; ``violations`` holds every reason."""
 
     def __init__(self, source: Path, profile: str, violations: list[Violation]):
-        fields = ", ".join(dict.fromkeys(violation.field for violation in violations))
-        super().__init__(
-            f"{source} is not servable under the {profile} profile: {len(violations)} violation(s) ({fields})"
-        )
+        causes = [violation for violation in violations if not violation.folded]
+        fields = ", ".join(dict.fromkeys(violation.field for violation in causes))
+        super().__init__(f"{source} is not servable under the {profile} profile: {len(causes)} violation(s) ({fields})")
         self.violations = violations
 
 
@@ -102,7 +101,8 @@ class Registry:
         _validate_name(name)
         extra = dict(metadata or {})
         _refuse_fixed_fields(extra)
-        violations = servability.check_adapter(src, base_dir, profile=profile)
+        files, violations = _source_files(src)
+        violations += servability.check_adapter(src, base_dir, profile=profile)
         if violations:
             raise NotServableError(src, profile, violations)
         summary = servability.summarize_adapter(src)
@@ -124,9 +124,8 @@ class Registry:
         staging = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=self.root / ".tmp"))
         staging.chmod(0o755)  # mkdtemp's 0700 would hide the entry from a server running as another user
         try:
-            for file_name in (servability.CONFIG_FILE, servability.WEIGHTS_FILE, *_OPTIONAL_FILES):
-                if (src / file_name).is_file():
-                    shutil.copyfile(src / file_name, staging / file_name)
+            for file_name, path in files.items():
+                shutil.copyfile(path, staging / file_name)
             # Hash the copy, not the source: the digest describes exactly what is served.
             record["sha256"] = _sha256(staging / servability.WEIGHTS_FILE)
             _write_json(staging / METADATA_FILE, record)
@@ -264,6 +263,31 @@ def _parse_id(adapter_id: str) -> tuple[str, int | None]:
     if match is None or ".." in match["name"]:
         raise ValidationError(f"invalid adapter id {adapter_id!r}: {_ID_FORM}")
     return match["name"], int(match["version"]) if match["version"] else None
+
+
+def _source_files(src: Path) -> tuple[dict[str, Path], list[Violation]]:
+    """The files ``add`` copies from ``src`` (name -> the regular file it reads), and why any present one cannot be copied.
+
+    Only regular files are copied; a symbolic link is followed only when it stays inside ``src``,
+    so an adapter directory cannot pull other files of the machine into the registry.
+    """
+    if "\x00" in str(src):
+        return {}, [Violation("path", f"{str(src)!r} holds a NUL character", "pass the adapter directory's path")]
+    inside = src.resolve()
+    files, violations = {}, []
+    for file_name in (servability.CONFIG_FILE, servability.WEIGHTS_FILE, *_OPTIONAL_FILES):
+        path = src / file_name
+        if not path.exists() and not path.is_symlink():
+            continue
+        target = path.resolve()
+        if path.is_symlink() and not target.is_relative_to(inside):
+            fix = "copy the file into the adapter directory; links that leave it are not followed"
+            violations.append(Violation(file_name, f"is a symbolic link to {target}, outside {inside}", fix))
+        elif not target.is_file():
+            violations.append(Violation(file_name, "is not a regular file", "replace it with a regular file"))
+        else:
+            files[file_name] = target
+    return files, violations
 
 
 def _refuse_fixed_fields(fields: dict) -> None:

@@ -25,7 +25,7 @@ import re
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -33,6 +33,7 @@ import torch
 import transformers
 from safetensors import SafetensorError, safe_open
 
+from serving import base_models
 from serving.base_models import base_identity
 from serving.errors import ValidationError
 
@@ -161,6 +162,9 @@ _NOT_LORA = (
     "save only lora_A/lora_B weights: no DoRA, modules_to_save or bias, "
     "and save_pretrained(..., save_embedding_layers=False)",
 )
+_OTHER_BASE_FIX = "train the adapter on the served base"
+_MISSING_FIX = "save the complete adapter"
+_BASE_NAME = "base_model_name_or_path"
 _LORA_TENSOR = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<side>[AB])\.weight")
 
 
@@ -171,9 +175,20 @@ class Violation:
     field: str
     reason: str
     fix: str
+    folded: bool = False  # a consequence of the root cause listed before it, shown under it
 
     def __str__(self) -> str:
         return f"{self.field}: {self.reason} — fix: {self.fix}"
+
+
+def report_lines(violations: Sequence[Violation]) -> list[str]:
+    """The violations as indented lines: each root cause, then the per-tensor lines folded under it."""
+    return [f"    - {v}" if v.folded else f"  - {v}" for v in violations]
+
+
+def summary(violations: Sequence[Violation]) -> str:
+    """The root causes in one line (folded per-tensor lines are counted in their cause)."""
+    return "; ".join(str(v) for v in violations if not v.folded)
 
 
 @dataclass(frozen=True)
@@ -247,11 +262,12 @@ def check_adapter(
     base_config = transformers.AutoConfig.from_pretrained(base_dir)
     violations: list[Violation] = []
     config = _read_config(adapter_dir, violations)
+    served = base_names(base_dir, base_name)
     if config is not None:
-        violations += check_lora_config(config, base_config, profile, base_names=base_names(base_dir, base_name))
+        violations += check_lora_config(config, base_config, profile, base_names=served)
     weights = adapter_dir / WEIGHTS_FILE
     if weights.is_file():
-        violations += _check_tensors(weights, config or {}, base_config)
+        violations = _fold_other_base(violations, _check_tensors(weights, config or {}, base_config), config or {}, served)
     elif (adapter_dir / PICKLE_WEIGHTS_FILE).is_file():
         reason = f"weights are a pickle ({PICKLE_WEIGHTS_FILE}), which servers refuse to unpickle"
         violations.append(Violation(WEIGHTS_FILE, reason, "save with safe_serialization=True"))
@@ -430,13 +446,17 @@ def _layer_index(name: str) -> int | None:
 def _check_base_name(
     value, names: Sequence[str], base_config: transformers.PretrainedConfig, rules: Profile
 ) -> list[Violation]:
-    field, fix = "base_model_name_or_path", f"set base_model_name_or_path to {names[0]!r}"
+    field = _BASE_NAME
     if not value:
         if not rules.exact_base_name:
             return []
+        fix = f"set base_model_name_or_path to {names[0]!r} if it was trained on that base"
         return [Violation(field, "is null, so LoRAX cannot check the base and pays ~10 s per load (lorax#430)", fix)]
     if value in names or any(_same_path(value, name) for name in names):
         return []
+    # Renaming the recorded base would let an adapter of another base pass: point at its own base instead.
+    known = base_models.known_base_name(value)
+    fix = f"serve it on the base it was trained on (--base {known})" if known else f"train the adapter on the served base ({names[0]!r})"
     architecture = _architecture_of(value)
     if architecture is None:
         reason = f"{value!r} is not the served base and its architecture cannot be looked up offline"
@@ -448,6 +468,33 @@ def _check_base_name(
     if rules.exact_base_name:
         return [Violation(field, f"{value!r} is a different {architecture} base from the served one", fix)]
     return []
+
+
+def _fold_other_base(
+    violations: list[Violation], tensor_violations: list[Violation], config: dict, served: Sequence[str]
+) -> list[Violation]:
+    """``violations`` plus the tensors'; when tensor shapes do not fit the served base, the adapter was trained on
+    another one: that root cause comes first, once, and the per-tensor lines it explains are folded under it."""
+    misfits = [v for v in tensor_violations if v.fix in (_OTHER_BASE_FIX, _MISSING_FIX)]
+    shapes = [v for v in misfits if v.fix == _OTHER_BASE_FIX and " but the base needs " in v.reason]
+    if not shapes:
+        return violations + tensor_violations
+    recorded = config.get("base_model_name_or_path")
+    trained_on = f"{recorded!r}" if recorded else "another base (its adapter_config.json names none)"
+    example = next((v for v in shapes if "q_proj.lora_A" in v.field), shapes[0])
+    shape, needed = example.reason.split(" (")[0].removeprefix("has shape ").split(" but the base needs ")
+    reason = (
+        f"the adapter was trained on {trained_on}, not on the served base {served[0]!r}: its {example.field} is {shape} "
+        f"where the served base needs {needed}; {len(misfits)} tensor lines in all do not fit (below)"
+    )
+    known = base_models.known_base_name(recorded) if isinstance(recorded, str) else None
+    if known and known != served[0]:
+        fix = f"serve it on the base it was trained on: --base {known}"
+    else:
+        fix = f"train the adapter on the served base ({served[0]!r})"
+    root = Violation(_BASE_NAME, reason, fix)
+    rest = [v for v in violations if v.field != _BASE_NAME]  # the name check says the same, less precisely
+    return [root, *rest, *(replace(v, folded=True) for v in misfits), *(v for v in tensor_violations if v not in misfits)]
 
 
 def _same_path(value: str, name: str) -> bool:
@@ -486,7 +533,7 @@ def _check_tensors(weights: Path, config: dict, base_config: transformers.Pretra
             continue
         module, side = match["module"], match["side"]
         if module not in modules:
-            problems["belongs to a module the base does not have", "train the adapter on the served base"].append(key)
+            problems["belongs to a module the base does not have", _OTHER_BASE_FIX].append(key)
             continue
         if targeted is not None and module not in targeted:
             fix = "add the module type to target_modules or drop the tensor"
@@ -505,7 +552,7 @@ def _check_tensors(weights: Path, config: dict, base_config: transformers.Pretra
             continue
         for side in sorted({"A", "B"} - sides[module]):
             name = f"base_model.model.{module}.lora_{side}.weight"
-            problems["is missing although its module is targeted", "save the complete adapter"].append(name)
+            problems["is missing although its module is targeted", _MISSING_FIX].append(name)
     return [violation for (reason, fix), names in problems.items() for violation in _grouped(names, reason, fix)]
 
 
@@ -519,7 +566,7 @@ def _shape_problem(
     expected_other = in_features if side == "A" else out_features
     if other != expected_other:
         expected = [r or rank, in_features] if side == "A" else [out_features, r or rank]
-        return f"has shape {list(shape)} but the base needs {expected}", "train the adapter on the served base"
+        return f"has shape {list(shape)} but the base needs {expected}", _OTHER_BASE_FIX
     if r is not None and rank != r:
         return f"has rank {rank} but the config says r={r}; ranks must be uniform", "train with one rank, saved in r"
     return None

@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable, Literal
 
+from jinja2 import TemplateError
 from pydantic import BaseModel
 
 from monitoring.catalog import BASE_ADAPTER_LABEL, UNKNOWN_ADAPTER_LABEL
 from monitoring.metrics import ServerMetrics
 from serving import servability
 from serving.engines.base import AdapterRef, Engine, Event, GenerationRequest, GenerationResult, SamplingParams, TokenEvent
-from serving.errors import AdapterNotServableError, IncompleteGenerationError, ServingError, ValidationError
+from serving.errors import AdapterNotServableError, GenerationError, IncompleteGenerationError, ServingError, ValidationError
 from serving.registry import Registry
 from serving.request_log import Exchange, RequestLog
 
+log = logging.getLogger(__name__)
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB, as the router's: far above any prompt a model's context holds
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class ServerSettings:
     max_stop_sequences: int = 4
     max_input_length: int | None = None  # default: max_total_tokens - 1
     request_log: Path | str | None = None  # a SQLite file or a postgresql:// URL recording every exchange
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies are refused (413)
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,7 @@ class Service:
         if entry.id not in self._servable:
             violations = servability.check_adapter(entry.path, self.base_dir, profile=self.settings.profile)
             if violations:
-                reasons = "; ".join(str(v) for v in violations)
+                reasons = servability.summary(violations)
                 raise AdapterNotServableError(f"adapter {entry.id} is not servable here ({self.settings.profile} profile): {reasons}")
             self._servable.add(entry.id)
         return AdapterRef(adapter_id=entry.id, path=entry.path)
@@ -128,7 +133,10 @@ class Service:
         if adapter is None or adapter.adapter_id in self.engine.resident_adapters():
             return
         async with self._loading:
-            seconds = await self.engine.load_adapter(adapter)
+            try:
+                seconds = await self.engine.load_adapter(adapter)
+            except GenerationError as error:
+                raise _public(error, f"loading adapter {adapter.adapter_id}") from error
         if seconds:
             self.metrics.adapter_load.labels(adapter.adapter_id).observe(seconds)
         self.observe_residency()
@@ -181,6 +189,13 @@ class Service:
 
     # --- requests --------------------------------------------------------------------
 
+    async def chat_prompt(self, messages: list[dict]) -> str:
+        """The prompt the model's chat template writes for ``messages``; a chat it refuses is a 422."""
+        try:
+            return await asyncio.to_thread(self.engine.apply_chat_template, messages)
+        except (ValueError, TemplateError) as error:
+            raise ValidationError(f"messages: {error}") from error
+
     async def prepare(self, call: Call) -> Prepared:
         """Resolve the adapter and every limit, and make the adapter resident; a refusal is counted and logged."""
         started = time.perf_counter()
@@ -189,7 +204,9 @@ class Service:
             self.check_stop_count(call.params.stop)
             adapter = self.resolve(call.adapter_id)
             label = adapter.adapter_id if adapter else BASE_ADAPTER_LABEL
-            ids, max_new = self.fit(self.engine.tokenize(call.prompt), call.max_new_tokens, call.truncate)
+            # Off the event loop: a long prompt takes seconds to tokenize, and /health must still answer.
+            ids = await asyncio.to_thread(self.engine.tokenize, call.prompt)
+            ids, max_new = self.fit(ids, call.max_new_tokens, call.truncate)
             await self.ensure_resident(adapter)
         except ServingError as error:
             self.metrics.observe_request(label, error.outcome)
@@ -232,8 +249,8 @@ class Service:
                 yield event
         except ServingError as error:
             outcome = error.outcome
-            prepared.error = error
-            raise
+            prepared.error = _public(error, f"request {prepared.call.request_id}") if isinstance(error, GenerationError) else error
+            raise prepared.error from error
         finally:
             await events.aclose()
             if outcome != "success":
@@ -277,6 +294,12 @@ class Service:
                 outcome=error.outcome if error else ("success" if result else "cancelled"),
             )
         )
+
+
+def _public(error: GenerationError, what: str) -> GenerationError:
+    """The engine's failure as the client sees it: the engine's own text (a torch error) goes to the log only."""
+    log.error("%s failed in the engine: %s", what, error.message)
+    return GenerationError(f"generation failed in the engine ({what}); the server log has the details")
 
 
 async def _prepend(first: Event, events: AsyncIterator[Event]) -> AsyncIterator[Event]:

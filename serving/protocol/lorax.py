@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from serving.engines.base import MAX_ALTERNATIVES, Event, GenerationResult, PrefillToken, SamplingParams, TokenEvent, TokenInfo
 from serving.errors import ServingError
+from serving.protocol.wire import RepetitionPenalty, Seed, Temperature, WireModel
 
 
-class MergedAdapters(BaseModel):
+class MergedAdapters(WireModel):
     ids: list[str]
     weights: list[float]
     merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
@@ -23,7 +24,7 @@ class MergedAdapters(BaseModel):
     majority_sign_method: Literal["total", "frequency"] = "total"
 
 
-class GenerateParameters(BaseModel):
+class GenerateParameters(WireModel):
     """LoRAX ``parameters``; unknown keys are refused so a misspelt parameter is not silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
@@ -33,8 +34,8 @@ class GenerateParameters(BaseModel):
     merged_adapters: MergedAdapters | None = None
     api_token: str | None = None
     best_of: int | None = Field(default=None, gt=0)
-    temperature: float | None = Field(default=None, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    temperature: Temperature | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     top_k: int | None = Field(default=None, gt=0)
@@ -51,7 +52,7 @@ class GenerateParameters(BaseModel):
     decoder_input_details: bool = False
     return_k_alternatives: int | None = None
     apply_chat_template: bool = False
-    seed: int | None = Field(default=None, ge=0)
+    seed: Seed | None = None
     response_format: dict | None = None
 
     @field_validator("stop", mode="before")
@@ -83,7 +84,7 @@ class GenerateParameters(BaseModel):
         return self
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(WireModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: str

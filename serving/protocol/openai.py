@@ -12,15 +12,16 @@ import time
 import uuid
 from typing import AsyncIterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from serving.engines.base import MAX_ALTERNATIVES, Event, GenerationResult, SamplingParams
 from serving.errors import ServingError
+from serving.protocol.wire import RepetitionPenalty, Seed, Temperature, WireModel
 
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 
 
-class _Common(BaseModel):
+class _Common(WireModel):
     """Fields both endpoints share; unknown keys are refused as OpenAI does."""
 
     model_config = ConfigDict(extra="forbid")
@@ -28,18 +29,18 @@ class _Common(BaseModel):
     model: str = ""
     stream: bool = False
     stream_options: dict | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    temperature: Temperature | None = Field(default=None, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0)
+    seed: Seed | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict | None = None
     user: str | None = None
     # Extensions LoRAX and vLLM accept as well.
     top_k: int | None = Field(default=None, gt=0)
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    repetition_penalty: RepetitionPenalty | None = None
     ignore_eos_token: bool = False
 
     @model_validator(mode="after")
@@ -124,7 +125,7 @@ class CompletionRequest(_Common):
         return dataclasses.replace(super().sampling_params(max_new_tokens), alternatives=self.logprobs)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(WireModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "developer"]

@@ -8,6 +8,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from serving.surrogates import has_surrogates, replace_surrogates
+
 
 def new_request_id() -> str:
     """A fresh request id (32 hex characters)."""
@@ -66,3 +68,28 @@ class LoggedExchange:
 
 
 EXCHANGE_COLUMNS = [f.name for f in dataclasses.fields(Exchange)]
+
+
+def without_surrogates(row: Exchange | Feedback) -> Exchange | Feedback:
+    """``row`` with every lone surrogate (text no store can encode) replaced by U+FFFD; ``row`` itself when it holds none."""
+    changes = {}
+    for column in dataclasses.fields(row):
+        value = getattr(row, column.name)
+        replaced = _replaced(value)
+        if replaced is not value:
+            changes[column.name] = replaced
+    return dataclasses.replace(row, **changes) if changes else row
+
+
+def _replaced(value):
+    """``value`` (text, or JSON made of text) with surrogates replaced; the very same object when it has none."""
+    if isinstance(value, str):
+        return replace_surrogates(value) if has_surrogates(value) else value
+    if isinstance(value, dict):
+        items = {_replaced(k): _replaced(v) for k, v in value.items()}
+        same = len(items) == len(value) and all(a is b and items[a] is value[b] for a, b in zip(items, value))
+        return value if same else items
+    if isinstance(value, (list, tuple)):
+        items = [_replaced(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    return value

@@ -138,6 +138,9 @@ class PostgresStore(SQLStore):
                             for row in rows:
                                 copy.write_row(row)
 
+    def unavailable(self, error: Exception) -> bool:
+        return isinstance(error, psycopg.OperationalError)  # the connection, not the data: unreachable, shut down
+
     def _fetch(self, sql: str, args: list) -> list[tuple]:
         with self._lock:
             return self._connection().execute(sql, args).fetchall()

@@ -56,6 +56,9 @@ class SQLiteStore(SQLStore):
                 self._db.execute("ROLLBACK")
                 raise
 
+    def unavailable(self, error: Exception) -> bool:
+        return isinstance(error, sqlite3.OperationalError)  # locked, disk full or I/O error, whatever the rows
+
     def _fetch(self, sql: str, args: list) -> list[tuple]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()

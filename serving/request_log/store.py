@@ -42,5 +42,9 @@ class Store(abc.ABC):
     def arm_of(self, request_id: str) -> Exchange | None:
         """The served (non-shadow) exchange with this id, preferring the router's row."""
 
+    def unavailable(self, error: Exception) -> bool:
+        """``error`` (raised by ``write``) means the database cannot take any row now, not that it refused these rows."""
+        return False
+
     def close(self) -> None:
         """Release connections."""

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from serving.request_log.exchange import Exchange, Feedback
+from serving.request_log.exchange import Exchange, Feedback, without_surrogates
 from serving.request_log.store import Store
 from serving.request_log.target import open_store
 
@@ -24,8 +24,10 @@ class RequestLog:
 
     ``record``/``feedback`` never block: they return False (and count a drop) when the queue is
     full. A batch the store refuses (its database is gone) is dropped and counted the same way,
-    so an outage costs rows, never serving. ``flush`` waits for everything accepted so far;
-    ``close`` flushes and stops.
+    so an outage costs rows, never serving. One bad row never costs its batch: text no store can
+    hold (lone surrogates) is replaced and counted (``on_sanitise``), and when the store still
+    refuses the batch its rows are written one by one, so only the rows it refuses on their own
+    are dropped. ``flush`` waits for everything accepted so far; ``close`` flushes and stops.
     """
 
     def __init__(
@@ -36,11 +38,14 @@ class RequestLog:
         batch_size: int = 256,
         redact: Redactor | None = None,
         on_drop: Callable[[int], None] | None = None,  # called with the number of rows dropped (e.g. a Counter's inc)
+        on_sanitise: Callable[[int], None] | None = None,  # called with the number of rows stored sanitised
     ):
         self.store = store
         self.redact = redact
         self.on_drop = on_drop
+        self.on_sanitise = on_sanitise
         self.dropped = 0
+        self.sanitised = 0
         self.failed_batches = 0
         self._drops = threading.Lock()  # record() and the writer thread both count drops
         self._failing = False  # the last batch was refused: log the first refusal and the recovery only
@@ -107,25 +112,58 @@ class RequestLog:
                 self._queue.task_done()
 
     def _write(self, batch: list) -> None:
-        if not batch:
+        rows = [row for row in (self._storable(item) for item in batch) if row is not None]
+        if not rows:
             return
-        exchanges = [item for item in batch if isinstance(item, Exchange)]
-        feedback = [item for item in batch if isinstance(item, Feedback)]
         try:
-            if self.redact:
-                exchanges = [self.redact(e) for e in exchanges]
-            self.store.write(exchanges, feedback)
-        except Exception:
-            # The log must not take serving down; the failure is visible in logs and the drop counter.
-            self.failed_batches += 1
-            self._drop(len(batch))
-            if not self._failing:
-                log.exception("request log: the store refused a batch of %d rows; dropping (and counting) rows until it accepts one", len(batch))
-            self._failing = True
-            return
+            self._store(rows)
+        except Exception as error:
+            # An outage refuses every row alike; otherwise some row is at fault, and only it is dropped.
+            refused = [(row, error) for row in rows] if self.store.unavailable(error) else [
+                (row, row_error) for row in rows if (row_error := self._store_alone(row)) is not None
+            ]
+            self._drop(len(refused))
+            if len(refused) == len(rows):
+                # The log must not take serving down; the failure is visible in logs and the drop counter.
+                self.failed_batches += 1
+                if not self._failing:
+                    log.exception("request log: the store refused a batch of %d rows; dropping (and counting) rows until it accepts one", len(rows))
+                self._failing = True
+                return
+            if refused:
+                row, error = refused[0]
+                log.warning("request log: stored %d rows of a batch, dropped %d the store refused on their own (the first, %s: %s)",
+                            len(rows) - len(refused), len(refused), getattr(row, "request_id", "?"), error)
         if self._failing:
             log.warning("request log: the store accepts rows again (%d dropped so far)", self.dropped)
             self._failing = False
+
+    def _storable(self, item: Exchange | Feedback) -> Exchange | Feedback | None:
+        """The row as it is stored: redacted, surrogates replaced (and counted); None (counted as dropped) if redaction fails."""
+        if self.redact and isinstance(item, Exchange):
+            try:
+                item = self.redact(item)
+            except Exception:
+                log.exception("request log: the redaction hook failed on a row; dropping it")  # storing it unredacted could leak
+                self._drop(1)
+                return None
+        clean = without_surrogates(item)
+        if clean is not item:
+            self.sanitised += 1
+            if self.on_sanitise:
+                self.on_sanitise(1)
+        return clean
+
+    def _store(self, rows: list[Exchange | Feedback]) -> None:
+        self.store.write([r for r in rows if isinstance(r, Exchange)], [r for r in rows if isinstance(r, Feedback)])
+
+    def _store_alone(self, row: Exchange | Feedback) -> Exception | None:
+        """Write one row of a refused batch on its own; the store's error when it refuses that row too."""
+        try:
+            self._store([row])
+        except Exception as error:
+            return error
+        return None
 
     def __enter__(self) -> "RequestLog":
         return self

@@ -5,30 +5,27 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ConfigDict
 
-from serving import auth
+from serving import auth, servability
 from serving.errors import AdapterRefusedError, NotFoundError, ValidationError
+from serving.protocol.wire import WireModel
 from serving.registry import NotServableError
 from serving.service import Service
 
 
-class AdapterIdBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AdapterIdBody(WireModel):
     adapter_id: str
 
 
-class LoadLoraBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class LoadLoraBody(WireModel):
     lora_name: str
     lora_path: str | None = None
     load_inplace: bool = False
 
 
-class UnloadLoraBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class UnloadLoraBody(WireModel):
     lora_name: str | None = None
     lora_int_id: int | None = None
 
@@ -36,10 +33,7 @@ class UnloadLoraBody(BaseModel):
 def admin_routes(service: Service) -> APIRouter:
     """Adapter residency and registration over ``service``; every route needs the admin token."""
 
-    def admin(request: Request) -> None:
-        auth.check_admin(request, service.settings.admin_token, command="server")
-
-    routes = APIRouter(dependencies=[Depends(admin)])
+    routes = APIRouter(route_class=auth.admin_route(service.settings.admin_token, command="server"))
 
     @routes.get("/admin/adapters")
     async def admin_adapters():
@@ -68,7 +62,7 @@ def admin_routes(service: Service) -> APIRouter:
             try:
                 service.registry.add(Path(body.lora_path), body.lora_name, base_dir=service.base_dir, profile=service.settings.profile)
             except NotServableError as error:
-                raise AdapterRefusedError(error.message) from error
+                raise AdapterRefusedError(f"{error.message}: {servability.summary(error.violations)}") from error
         await service.ensure_resident(service.resolve(body.lora_name))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 

@@ -69,9 +69,9 @@ def openai_routes(service: Service) -> APIRouter:
     @routes.post("/v1/chat/completions")
     async def chat_completions(body: openai.ChatCompletionRequest, request: Request):
         try:
-            prompt = service.engine.apply_chat_template(body.message_dicts())
+            messages = body.message_dicts()
         except ValueError as error:
             raise ValidationError(f"messages: {error}") from error
-        return await answer(body, request, prompt, body.requested_max_tokens())
+        return await answer(body, request, await service.chat_prompt(messages), body.requested_max_tokens())
 
     return routes

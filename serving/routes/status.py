@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from serving import auth
 from serving.errors import UnhealthyError
 from serving.service import Service
 
@@ -23,7 +24,8 @@ def status_routes(service: Service) -> APIRouter:
         return Response(status_code=200)
 
     @routes.get("/info")
-    async def info():
+    async def info(request: Request):
+        where = {"registry": str(service.registry.root)} if auth.is_admin(request, service.settings.admin_token) else {}
         return {
             "model_id": engine.model_name,
             "model_device_type": "cpu",
@@ -35,7 +37,7 @@ def status_routes(service: Service) -> APIRouter:
             "default_max_new_tokens": service.settings.default_max_new_tokens,
             "adapter_source": "local",
             "servability_profile": service.settings.profile,
-            "registry": str(service.registry.root),
+            **where,  # a filesystem path: for operators only
             "resident_adapters": engine.resident_adapters(),
         }
 

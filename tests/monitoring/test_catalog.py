@@ -56,7 +56,8 @@ def test_router_collectors_are_exactly_the_catalog():
     metrics.set_config("abc", {"r": {"a": ("control", 3), "b": ("candidate", 1)}})
     metrics.config_reload_errors.inc()
     metrics.request_log.dropped_rows.labels("router").inc()
-    assert_exports_exactly(metrics.registry, [*catalog.ROUTER_METRICS, catalog.REQUEST_LOG_DROPPED_ROWS])
+    metrics.request_log.sanitised_rows.labels("router").inc()
+    assert_exports_exactly(metrics.registry, [*catalog.ROUTER_METRICS, *catalog.REQUEST_LOG_METRICS])
 
 
 def test_rollout_collectors_are_exactly_the_catalog():

@@ -29,6 +29,8 @@ ERROR_CASES = [
     (errors.UnhealthyError, 503, "healthcheck", None),
     (errors.UnauthorizedError, 401, "unauthorized", None),
     (errors.ForbiddenError, 403, "forbidden", None),
+    (errors.FrameworkError, 400, "validation", None),
+    (errors.InternalError, 500, "internal", None),
 ]
 
 
@@ -84,3 +86,31 @@ def test_an_invalid_body_is_a_validation_error_naming_the_field(client):
     assert response.json()["error_type"] == "validation" and response.json()["error"].startswith("count: ")
     assert len(client.invalid) == before + 1
     assert client.post("/body", content=b"{not json", headers={"content-type": "application/json"}).json()["error_type"] == "validation"
+
+
+def test_framework_errors_and_bugs_answer_in_the_lorax_shape():
+    app = FastAPI()
+    errors.install_error_handlers(app)
+
+    @app.post("/body")
+    async def body(body: Body):
+        return body
+
+    @app.get("/bug")
+    async def bug():
+        raise RuntimeError("internal detail")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answers = {
+            404: client.get("/nowhere"),
+            405: client.get("/body"),
+            400: client.post("/body", content=b"(\xfc\xfd", headers={"content-type": "application/json"}),
+            500: client.get("/bug"),
+        }
+    for status, response in answers.items():
+        assert response.status_code == status, response.text
+        body = response.json()
+        assert set(body) == {"error", "error_type"} and body["error"], body
+    assert answers[404].json()["error_type"] == "not_found" and "/nowhere" in answers[404].json()["error"]
+    assert "POST" in answers[405].json()["error"] and answers[405].headers["allow"] == "POST"
+    assert answers[500].json()["error_type"] == "internal" and "internal detail" not in answers[500].text

@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import multiprocessing
+import os
 import threading
 import time
 from datetime import datetime
@@ -151,6 +152,41 @@ def test_symlink_out_of_the_registry_refused(registry, adapter, base_dir, tmp_pa
     with pytest.raises(ValidationError, match="leaves the registry"):
         registry.resolve("escape")
     assert [entry.id for entry in registry.list()] == ["alpha@v1"]
+
+
+def _copy_of(adapter: Path, into: Path) -> Path:
+    into.mkdir(parents=True)
+    for path in adapter.iterdir():
+        (into / path.name).write_bytes(path.read_bytes())
+    return into
+
+
+def test_a_link_that_leaves_the_adapter_directory_is_refused_naming_the_file(registry, adapter, base_dir, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the registry")
+    linked = _copy_of(adapter, tmp_path / "linked")
+    (linked / "README.md").unlink(missing_ok=True)
+    (linked / "README.md").symlink_to(secret)
+    with pytest.raises(NotServableError) as raised:
+        registry.add(linked, "linked", base_dir=base_dir)
+    [violation] = raised.value.violations
+    assert violation.field == "README.md" and str(secret) in violation.reason and "README.md" in raised.value.message
+    assert registry.list() == []
+
+
+def test_only_regular_files_are_copied_and_links_inside_the_directory_are_read(registry, adapter, base_dir, tmp_path):
+    source = _copy_of(adapter, tmp_path / "inside")
+    (source / "notes.md").write_text("kept")
+    (source / "README.md").unlink(missing_ok=True)
+    (source / "README.md").symlink_to(source / "notes.md")
+    entry = registry.add(source, "inside", base_dir=base_dir)
+    copied = entry.path / "README.md"
+    assert not copied.is_symlink() and copied.read_text() == "kept"
+    fifo = _copy_of(adapter, tmp_path / "fifo")
+    (fifo / "tokenizer.json").unlink(missing_ok=True)
+    os.mkfifo(fifo / "tokenizer.json")  # copying it would block forever
+    with pytest.raises(NotServableError, match="tokenizer.json"):
+        registry.add(fifo, "fifo", base_dir=base_dir)
 
 
 def test_unservable_adapter_refused_and_nothing_written(registry, dora_adapter, base_dir):

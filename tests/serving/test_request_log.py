@@ -155,6 +155,26 @@ def test_text_postgres_cannot_hold_does_not_lose_the_batch(target):
         assert stored[odd.request_id].prompt == "a\x00b"
 
 
+def test_poisoned_rows_cost_no_clean_row(target):
+    clean = [exchange() for _ in range(384)]
+    surrogate = exchange(prompt="a\ud800b", output="\udfff", parameters={"stop": ["\ud800"], "\udc00": 1})
+    unstorable = exchange(prompt_tokens=2**70)  # no store's integer column holds it
+    late_feedback = Feedback(request_id=clean[0].request_id, metric="correct\ud800", value=1.0)
+    rows = [*clean[:11], surrogate, *clean[11:200], unstorable, *clean[200:], late_feedback]
+    drops, sanitised = [], []
+    with RequestLog.open(target, on_drop=drops.append, on_sanitise=sanitised.append) as request_log:
+        for row in rows:
+            assert request_log.record(row) if isinstance(row, Exchange) else request_log.feedback(row)
+    stored = {r.exchange.request_id: r for r in open_store(target).query()}
+    assert {row.request_id for row in clean} <= set(stored) and len(stored) == len(clean) + 1
+    assert unstorable.request_id not in stored
+    kept = stored[surrogate.request_id].exchange
+    assert (kept.prompt, kept.output, kept.parameters) == ("a\ufffdb", "\ufffd", {"stop": ["\ufffd"], "\ufffd": 1})
+    assert stored[clean[0].request_id].feedback == {"correct\ufffd": 1.0}
+    assert request_log.dropped == sum(drops) == 1 and request_log.failed_batches == 0
+    assert request_log.sanitised == sum(sanitised) == 2
+
+
 def test_concurrent_writers_and_close_flushes_everything(target):
     # Two writers (as a server and a router would be) share one store; eight threads each.
     logs = [RequestLog.open(target), RequestLog.open(target)]

@@ -275,3 +275,22 @@ def test_cli_check_exit_codes_and_reasons(bases, good, tmp_path, capsys):
 
     assert stillhouse.main(["adapters", "check", str(bad), "--base", str(bases["gemma"]), "--profile", "lorax"]) == 1
     assert "  - r:" not in capsys.readouterr().err
+
+
+def test_an_adapter_of_another_base_is_refused_once_for_the_root_cause(bases, tmp_path):
+    other = make_lora_adapter(bases["wide"], tmp_path / "wide-adapter")
+    violations = servability.check_adapter(other, bases["gemma"])
+    root, *rest = violations
+    assert root.field == "base_model_name_or_path" and not root.folded
+    assert str(bases["wide"]) in root.reason and "[8, 96]" in root.reason and "needs [8, 64]" in root.reason
+    assert "set base_model_name_or_path" not in " ".join(v.fix for v in violations)
+    assert rest and all(v.folded for v in rest) and all(v.field != "base_model_name_or_path" for v in rest)
+    assert servability.summary(violations) == str(root)
+    lines = servability.report_lines(violations)
+    assert lines[0].startswith("  - base_model_name_or_path") and all(line.startswith("    - ") for line in lines[1:])
+
+
+def test_an_adapter_of_a_known_base_suggests_serving_it_on_that_base(tiny_base_dir, bases, tmp_path):
+    other = make_lora_adapter(tiny_base_dir, tmp_path / "tiny-adapter")
+    root = servability.check_adapter(other, bases["wide"])[0]
+    assert root.fix == "serve it on the base it was trained on: --base tiny"

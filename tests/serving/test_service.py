@@ -26,6 +26,14 @@ def test_serve_flags_become_settings(tmp_path):
     assert serve_settings(args) == ServeSettings(base="tiny", registry=tmp_path, max_queue=3, server=server)
 
 
+def test_the_body_limit_flag(tmp_path):
+    parser = stillhouse.build_parser()
+    assert serve_settings(parser.parse_args(["serve", "--max-body-bytes", "2048"])).server.max_body_bytes == 2048
+    assert serve_settings(parser.parse_args(["serve"])).server.max_body_bytes == ServerSettings().max_body_bytes == 1 << 20
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--max-body-bytes", "0"])
+
+
 def test_settings_refuse_an_unknown_engine_and_a_stray_engine_url():
     with pytest.raises(ValueError, match="engine 'tensorrt' is not one of torch, vllm"):
         ServeSettings(engine="tensorrt")

@@ -39,3 +39,20 @@ def test_frames_close_the_source_even_when_the_client_leaves():
 
     asyncio.run(leave_after_one())
     assert closed == [True, True]
+
+
+def test_a_non_finite_number_ends_the_stream_with_an_error_event_never_invalid_json():
+    async def source():
+        yield token("a")
+        yield token("b")
+
+    async def payloads(events):
+        logprobs = iter([-0.5, float("nan")])
+        async for _ in events:
+            yield {"logprob": next(logprobs)}
+
+    events = source()
+    frames = collect(sse.frames(payloads(events), events))
+    assert frames[0] == b'data: {"logprob": -0.5}\n\n'
+    assert frames[1].startswith(b'data: {"error": ') and b'"error_type": "generation"' in frames[1] and b"NaN" not in frames[1]
+    assert len(frames) == 2
