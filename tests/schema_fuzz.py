@@ -3,11 +3,13 @@
 Every operation of the document gets ``examples`` valid and ``examples`` invalid cases
 (derandomized, so a run is the same on every machine). An answer fails the fuzz when it is a
 5xx, or a non-2xx whose body is not the LoRAX error shape ``{"error": str, "error_type": str}``.
-The server's and the router's fuzz tests both call ``fuzz``.
+The server's and the router's fuzz tests both call ``fuzz``; the router's also tallies its own
+hypothesis-made JSON bodies in a ``FuzzReport``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import requests
@@ -27,14 +29,19 @@ class FuzzReport:
     server_errors: list[str] = field(default_factory=list)
     shape_violations: list[str] = field(default_factory=list)
 
-    def check(self, request: str, response: requests.Response) -> None:
+    def check(self, request: str, status: int, content: bytes) -> None:
         """Count one answer and note it when it breaks a rule."""
         self.requests += 1
-        where = f"{request} -> {response.status_code} {response.text[:200]!r}"
-        if response.status_code >= 500:
+        where = f"{request} -> {status} {content[:200]!r}"
+        if status >= 500:
             self.server_errors.append(where)
-        elif response.status_code >= 400 and not has_error_shape(response):
+        elif status >= 400 and not has_error_shape(content):
             self.shape_violations.append(where)
+
+    def dropped(self, request: str, error: Exception) -> None:
+        """A connection the app dropped instead of answering counts as a 5xx."""
+        self.requests += 1
+        self.server_errors.append(f"{request} -> {type(error).__name__}: {error}")
 
     def summary(self) -> str:
         """One line of figures, then every failure (the first 20 of each kind)."""
@@ -43,10 +50,10 @@ class FuzzReport:
         return "\n".join(lines)
 
 
-def has_error_shape(response: requests.Response) -> bool:
+def has_error_shape(content: bytes) -> bool:
     """The body is exactly ``{"error": non-empty str, "error_type": non-empty str}``."""
     try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
         return False
     return isinstance(body, dict) and set(body) == SHAPE and all(isinstance(body[k], str) and body[k] for k in SHAPE)
@@ -60,7 +67,7 @@ def fuzz(base_url: str, *, headers: dict[str, str] | None = None, examples: int 
 
     def send(case) -> None:
         response = case.call(base_url=base_url, session=session, headers=headers, timeout=timeout_s)
-        report.check(f"{case.method} {case.formatted_path} (body {case.body!r:.200})", response)
+        report.check(f"{case.method} {case.formatted_path} (body {case.body!r:.200})", response.status_code, response.content)
 
     operations = [result.ok() for result in schema.get_all_operations()]
     for operation in operations:
@@ -80,6 +87,6 @@ def fuzz(base_url: str, *, headers: dict[str, str] | None = None, examples: int 
     probes = [(method, path) for path, taken in sorted(methods.items()) for method in sorted({"GET", "POST", "PUT", "DELETE"} - taken)]
     for method, path in [*probes, ("GET", "/no-such-route"), ("POST", "/no-such-route")]:
         response = session.request(method, f"{base_url}{path}", headers=headers, timeout=timeout_s)
-        report.check(f"{method} {path}", response)
+        report.check(f"{method} {path}", response.status_code, response.content)
     session.close()
     return report
