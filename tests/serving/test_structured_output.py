@@ -224,3 +224,34 @@ def test_vllm_form_of_each_constraint():
     assert ConstraintSpec.json_schema(REVIEW_SCHEMA, "guided_json").vllm() == {"json": REVIEW_SCHEMA}
     assert ConstraintSpec.regex(REGEX, "guided_regex").vllm() == {"regex": REGEX}
     assert ConstraintSpec.choice(LABELS, "guided_choice").vllm() == {"choice": LABELS}
+
+
+# --- the real gemma-3-270m (slow) ----------------------------------------------------------------
+
+FEW_SHOT = (
+    "Review: Lovely view and kind hosts.\nSentiment: positive\n"
+    "Review: The room was dirty and loud.\nSentiment: negative\n"
+    "Review: It was a hotel room with a bed.\nSentiment: neutral\n"
+)
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory, real_base_dir):
+    with running_server(real_base_dir, tmp_path_factory.mktemp("structured-real") / "registry", model_name="gemma-3-270m") as served:
+        yield served
+
+
+@pytest.mark.slow
+def test_real_model_answers_only_labels_and_schema_json(real_server):
+    url, _ = real_server
+    reviews = ["The soup was cold and the waiter ignored us.", "Best weekend ever, the staff were wonderful.", "The train arrived."]
+    client = openai_client(url)
+    for review in reviews:
+        prompt = f"{FEW_SHOT}Review: {review}\nSentiment:"
+        label = client.completions.create(model="", prompt=prompt, max_tokens=8, temperature=0, extra_body={"guided_choice": LABELS})
+        assert label.choices[0].text in LABELS
+        answer = lorax.Client(url).generate(
+            f"{prompt} as JSON with a 1-5 star rating:", max_new_tokens=40, response_format={"type": "json_object", "schema": REVIEW_SCHEMA}
+        )
+        assert_review(answer.generated_text)
+        assert answer.details.finish_reason == "eos_token"
