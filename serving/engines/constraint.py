@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 ConstraintKind = Literal["json_schema", "regex", "choice"]
 
 #: the schema OpenAI's and vLLM's ``json_object`` mean: any JSON object
-ANY_OBJECT_SCHEMA = '{"type": "object"}'
+ANY_OBJECT_SCHEMA = {"type": "object"}
 
 #: compact JSON, no free whitespace (a small model can pad whitespace until max_new_tokens); vLLM's
 #: ``disable_any_whitespace`` compiles the same
@@ -56,9 +56,9 @@ class ConstraintSpec:
     field: str = field(default="response_format", compare=False)
 
     @classmethod
-    def json_schema(cls, schema: dict | None, field: str) -> ConstraintSpec:
-        """A JSON-schema constraint; ``None`` means any JSON object."""
-        return cls("json_schema", ANY_OBJECT_SCHEMA if schema is None else json.dumps(schema), field)
+    def json_schema(cls, schema: dict, field: str) -> ConstraintSpec:
+        """A JSON-schema constraint."""
+        return cls("json_schema", json.dumps(schema), field)
 
     @classmethod
     def regex(cls, pattern: str, field: str) -> ConstraintSpec:
@@ -115,11 +115,6 @@ class TokenMatcher:
         """Advance past the chosen token; a token the mask forbade is a bug, reported as such."""
         if not self._matcher.accept_token(token_id):
             raise RuntimeError(f"token {token_id} does not follow the grammar")
-
-    @property
-    def complete(self) -> bool:
-        """Whether the grammar has been matched to its end."""
-        return self._matcher.is_terminated()
 
 
 class Grammars:

@@ -12,7 +12,7 @@ from typing import AsyncIterator, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.engines.base import MAX_ALTERNATIVES, Event, GenerationResult, PrefillToken, SamplingParams, TokenEvent, TokenInfo
-from serving.engines.constraint import ConstraintSpec
+from serving.engines.constraint import ANY_OBJECT_SCHEMA, ConstraintSpec
 from serving.errors import ServingError
 
 
@@ -44,7 +44,8 @@ class ResponseFormat(BaseModel):
         """The output constraint; none for ``text``; any JSON object when no schema is given."""
         if self.type == "text":
             return None
-        return ConstraintSpec.json_schema(self.json_schema_, "parameters.response_format.schema")
+        schema = ANY_OBJECT_SCHEMA if self.json_schema_ is None else self.json_schema_
+        return ConstraintSpec.json_schema(schema, "parameters.response_format.schema")
 
 
 class GenerateParameters(BaseModel):

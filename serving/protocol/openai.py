@@ -16,7 +16,7 @@ from typing import Annotated, AsyncIterator, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from serving.engines.base import MAX_ALTERNATIVES, Event, GenerationResult, SamplingParams
-from serving.engines.constraint import ConstraintSpec
+from serving.engines.constraint import ANY_OBJECT_SCHEMA, ConstraintSpec
 from serving.errors import ServingError
 
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
@@ -137,27 +137,24 @@ class _Common(BaseModel):
 
     def constraint(self) -> ConstraintSpec | None:
         """The output constraint the request asks for, if any (compiled, and checked, by the service)."""
-        if self.guided_json is not None:
-            return ConstraintSpec.json_schema(self.guided_json, "guided_json")
-        if self.guided_regex is not None:
-            return ConstraintSpec.regex(self.guided_regex, "guided_regex")
-        if self.guided_choice is not None:
-            return ConstraintSpec.choice(self.guided_choice, "guided_choice")
-        outputs = self.structured_outputs
+        outputs, response_format = self.structured_outputs, self.response_format
+        candidates = [
+            ("guided_json", ConstraintSpec.json_schema, self.guided_json),
+            ("guided_regex", ConstraintSpec.regex, self.guided_regex),
+            ("guided_choice", ConstraintSpec.choice, self.guided_choice),
+        ]
         if outputs is not None:
-            if outputs.json_ is not None:
-                return ConstraintSpec.json_schema(outputs.json_, "structured_outputs.json")
-            if outputs.regex is not None:
-                return ConstraintSpec.regex(outputs.regex, "structured_outputs.regex")
-            if outputs.choice is not None:
-                return ConstraintSpec.choice(outputs.choice, "structured_outputs.choice")
-            return ConstraintSpec.json_schema(None, "structured_outputs.json_object") if outputs.json_object else None
-        response_format = self.response_format
-        if response_format is None or response_format.type == "text":
-            return None
-        if response_format.type == "json_object":
-            return ConstraintSpec.json_schema(None, "response_format")
-        return ConstraintSpec.json_schema(response_format.json_schema.json_schema, "response_format.json_schema.schema")
+            candidates += [
+                ("structured_outputs.json", ConstraintSpec.json_schema, outputs.json_),
+                ("structured_outputs.regex", ConstraintSpec.regex, outputs.regex),
+                ("structured_outputs.choice", ConstraintSpec.choice, outputs.choice),
+                ("structured_outputs.json_object", ConstraintSpec.json_schema, ANY_OBJECT_SCHEMA if outputs.json_object else None),
+            ]
+        if response_format is not None and response_format.type == "json_object":
+            candidates.append(("response_format", ConstraintSpec.json_schema, ANY_OBJECT_SCHEMA))
+        if response_format is not None and response_format.json_schema is not None:
+            candidates.append(("response_format.json_schema.schema", ConstraintSpec.json_schema, response_format.json_schema.json_schema))
+        return next((build(value, field) for field, build, value in candidates if value is not None), None)
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -220,7 +220,6 @@ def test_compiled_grammars_are_cached(server):
 
 
 def test_vllm_form_of_each_constraint():
-    assert ConstraintSpec.json_schema(None, "response_format").vllm() == {"json": {"type": "object"}}
     assert ConstraintSpec.json_schema(REVIEW_SCHEMA, "guided_json").vllm() == {"json": REVIEW_SCHEMA}
     assert ConstraintSpec.regex(REGEX, "guided_regex").vllm() == {"regex": REGEX}
     assert ConstraintSpec.choice(LABELS, "guided_choice").vllm() == {"choice": LABELS}

@@ -9,15 +9,9 @@ from __future__ import annotations
 import pytest
 
 from tests.serving import test_structured_output as torch_structured
-from tests.serving.engines.test_vllm_engine import adapters, served, vllm_venv  # noqa: F401  (fixtures)
+from tests.serving.engines.test_vllm_engine import adapters, served, server, vllm_venv  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def server(served):  # noqa: F811
-    """What the torch engine's tests expect: (base URL, service); the service is remote here."""
-    return served["url"], None
 
 
 test_lorax_response_format_schema_always_parses = torch_structured.test_lorax_response_format_schema_always_parses
