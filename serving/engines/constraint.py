@@ -19,12 +19,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-import torch
-import xgrammar
-
 from serving.errors import ValidationError
 
 if TYPE_CHECKING:
+    import torch
+    import xgrammar
+
     from serving.engines.model_text import ModelText
 
 ConstraintKind = Literal["json_schema", "regex", "choice"]
@@ -72,8 +72,7 @@ class ConstraintSpec:
 
     def grammar(self) -> str:
         """The EBNF of a choice (vLLM's ``choice_as_grammar``, so both engines build the same grammar)."""
-        escape = lambda s: "".join(_EBNF_ESCAPES.get(c, c if ord(c) >= 0x20 and ord(c) != 0x7F else f"\\u{ord(c):04x}") for c in s)
-        return "root ::= " + " | ".join(f'"{escape(option)}"' for option in self.payload)
+        return "root ::= " + " | ".join(f'"{_ebnf_escape(option)}"' for option in self.payload)
 
     def vllm(self) -> dict:
         """The constraint as vLLM's ``structured_outputs`` request field."""
@@ -82,6 +81,11 @@ class ConstraintSpec:
         if self.kind == "regex":
             return {"regex": self.payload}
         return {"choice": list(self.payload)}
+
+
+def _ebnf_escape(text: str) -> str:
+    """``text`` inside an EBNF string literal: quotes, backslashes and control characters escaped."""
+    return "".join(_EBNF_ESCAPES.get(c, c if ord(c) >= 0x20 and ord(c) != 0x7F else f"\\u{ord(c):04x}") for c in text)
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,15 +105,20 @@ class TokenMatcher:
     """One generation's position in its grammar: which tokens may come next."""
 
     def __init__(self, constraint: Constraint):
+        import torch
+        import xgrammar  # imported on use: the wire formats build specs without loading torch
+
         self._matcher = xgrammar.GrammarMatcher(constraint.compiled)
         self._bitmask = xgrammar.allocate_token_bitmask(1, constraint.vocab_size)
+        self._apply = xgrammar.apply_token_bitmask_inplace
+        self._inference_mode = torch.inference_mode
 
     def mask(self, logits: torch.Tensor) -> None:
         """Set the logits of tokens the grammar forbids next to -inf, in place (a 1-D float row)."""
         self._matcher.fill_next_token_bitmask(self._bitmask)
         bitmask = self._bitmask if logits.device.type == "cpu" else self._bitmask.to(logits.device, non_blocking=True)
-        with torch.inference_mode():  # engine logits are inference tensors
-            xgrammar.apply_token_bitmask_inplace(logits, bitmask[0])
+        with self._inference_mode():  # engine logits are inference tensors
+            self._apply(logits, bitmask[0])
 
     def accept(self, token_id: int) -> None:
         """Advance past the chosen token; a token the mask forbade is a bug, reported as such."""
@@ -125,6 +134,8 @@ class Grammars:
     """
 
     def __init__(self, text: ModelText, vocab_size: int):
+        import xgrammar  # imported on use: the wire formats build specs without loading torch
+
         stop = sorted(text.eos_token_ids)
         detected = xgrammar.TokenizerInfo.from_huggingface(text.tokenizer, vocab_size=vocab_size, stop_token_ids=stop)
         vocab = [""] * vocab_size  # xgrammar never allows an empty token
