@@ -1,7 +1,8 @@
 """What the server's handlers call: adapters, limits, generation, and each exchange's metrics and log row.
 
 ``Service`` is protocol-free: a route turns its wire request into a ``Call``, ``prepare``
-resolves the adapter and every limit and default, ``stream``/``complete`` run the engine. Each
+resolves the adapter and every limit and default and compiles any output constraint,
+``stream``/``complete`` run the engine. Each
 call is counted and logged exactly once, here: a refusal in ``prepare``, everything else when
 the engine stream ends. ``build_service`` assembles a service from ``ServeSettings``.
 """

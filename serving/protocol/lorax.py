@@ -106,7 +106,6 @@ class GenerateParameters(BaseModel):
             raise ValueError("; ".join(problems))
         return self
 
-
     def constraint(self) -> ConstraintSpec | None:
         """The output constraint ``response_format`` asks for, if any."""
         return self.response_format.constraint() if self.response_format else None
