@@ -12,6 +12,7 @@ from typing import AsyncIterator, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from serving.engines.base import MAX_ALTERNATIVES, Event, GenerationResult, PrefillToken, SamplingParams, TokenEvent, TokenInfo
+from serving.engines.constraint import ANY_OBJECT_SCHEMA, ConstraintSpec
 from serving.errors import ServingError
 from serving.protocol.wire import RepetitionPenalty, Seed, Temperature, WireModel
 
@@ -22,6 +23,30 @@ class MergedAdapters(WireModel):
     merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
     density: float = 1.0
     majority_sign_method: Literal["total", "frequency"] = "total"
+
+
+class ResponseFormat(WireModel):
+    """LoRAX ``response_format``: ``json_object`` (or ``json_schema``) with a JSON ``schema``, or ``text``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema_: dict | None = Field(default=None, alias="schema")
+
+    @model_validator(mode="after")
+    def _schema_fits_type(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema_ is None:
+            raise ValueError("`json_schema` needs a `schema`; send type json_object for any JSON object")
+        if self.type == "text" and self.json_schema_ is not None:
+            raise ValueError("a `schema` needs type json_object")
+        return self
+
+    def constraint(self) -> ConstraintSpec | None:
+        """The output constraint; none for ``text``; any JSON object when no schema is given."""
+        if self.type == "text":
+            return None
+        schema = ANY_OBJECT_SCHEMA if self.json_schema_ is None else self.json_schema_
+        return ConstraintSpec.json_schema(schema, "parameters.response_format.schema")
 
 
 class GenerateParameters(WireModel):
@@ -53,7 +78,7 @@ class GenerateParameters(WireModel):
     return_k_alternatives: int | None = None
     apply_chat_template: bool = False
     seed: Seed | None = None
-    response_format: dict | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -72,7 +97,6 @@ class GenerateParameters(WireModel):
                 self.return_k_alternatives is not None and not 0 <= self.return_k_alternatives <= MAX_ALTERNATIVES,
                 f"send an integer from 1 to {MAX_ALTERNATIVES} (given {self.return_k_alternatives}), or leave it out",
             ),
-            "response_format": (self.response_format is not None, "leave it out; constrain output with stop sequences"),
             "adapter_source": (
                 self.adapter_source not in (None, "hub", "local"),
                 "adapters come from the server's registry: leave adapter_source out",
@@ -82,6 +106,10 @@ class GenerateParameters(WireModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def constraint(self) -> ConstraintSpec | None:
+        """The output constraint ``response_format`` asks for, if any."""
+        return self.response_format.constraint() if self.response_format else None
 
 
 class GenerateRequest(WireModel):
