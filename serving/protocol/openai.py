@@ -8,9 +8,9 @@ default to 16 new tokens. Stop sequences are not part of the returned text.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
-import json
 from typing import Annotated, AsyncIterator, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, model_validator
