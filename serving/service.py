@@ -21,6 +21,8 @@ from monitoring.catalog import BASE_ADAPTER_LABEL, UNKNOWN_ADAPTER_LABEL
 from monitoring.metrics import ServerMetrics
 from serving import servability
 from serving.engines.base import AdapterRef, Engine, Event, GenerationRequest, GenerationResult, SamplingParams, TokenEvent
+from serving.engines.constraint import Constraint, ConstraintSpec, Grammars
+from serving.engines.model_text import text_config
 from serving.errors import AdapterNotServableError, IncompleteGenerationError, ServingError, ValidationError
 from serving.registry import Registry
 from serving.request_log import Exchange, RequestLog
@@ -72,6 +74,7 @@ class Call:
     params: SamplingParams  # max_new_tokens is resolved by ``Service.prepare``
     max_new_tokens: int | None  # as requested; None takes the server's default
     truncate: int | None = None  # keep only the last ``truncate`` prompt tokens
+    constraint: ConstraintSpec | None = None  # structured output, compiled by ``Service.prepare``
     answer_text: Callable[[GenerationResult], str] = lambda result: result.generated_text  # the text the client gets
 
 
@@ -104,6 +107,8 @@ class Service:
     _servable: set[str] = field(default_factory=set)
     _loading: asyncio.Lock = field(default_factory=asyncio.Lock)
     _resident: set[str] = field(default_factory=set)  # as last observed, to count evictions
+    _grammars: Grammars | None = None  # built on the first constrained request (a few seconds)
+    _grammars_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     # --- adapters --------------------------------------------------------------------
 
@@ -179,6 +184,20 @@ class Service:
             )
         return ids, max_new
 
+    # --- structured output -----------------------------------------------------------
+
+    async def compile(self, spec: ConstraintSpec | None, params: SamplingParams) -> Constraint | None:
+        """The compiled constraint (off the event loop, cached); ``ValidationError`` naming the field if it cannot compile."""
+        if spec is None:
+            return None
+        if params.ignore_eos_token:
+            raise ValidationError("`ignore_eos_token` cannot be combined with structured output: the grammar ends at EOS")
+        async with self._grammars_lock:
+            if self._grammars is None:
+                vocab_size = text_config(self.base_dir).vocab_size  # the logits row, which may exceed the tokenizer's
+                self._grammars = await asyncio.to_thread(Grammars, self.engine.text, vocab_size)
+        return await asyncio.to_thread(self._grammars.compile, spec)
+
     # --- requests --------------------------------------------------------------------
 
     async def prepare(self, call: Call) -> Prepared:
@@ -190,6 +209,7 @@ class Service:
             adapter = self.resolve(call.adapter_id)
             label = adapter.adapter_id if adapter else BASE_ADAPTER_LABEL
             ids, max_new = self.fit(self.engine.tokenize(call.prompt), call.max_new_tokens, call.truncate)
+            constraint = await self.compile(call.constraint, call.params)
             await self.ensure_resident(adapter)
         except ServingError as error:
             self.metrics.observe_request(label, error.outcome)
@@ -198,7 +218,7 @@ class Service:
         params = dataclasses.replace(call.params, max_new_tokens=max_new)
         return Prepared(
             call=call,
-            request=GenerationRequest(prompt_ids=ids, params=params, adapter=adapter),
+            request=GenerationRequest(prompt_ids=ids, params=params, adapter=adapter, constraint=constraint),
             adapter_label=label,
             adapter_id=adapter.adapter_id if adapter else "",
             started=started,

@@ -19,6 +19,7 @@ from serving.errors import ValidationError
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
+    from serving.engines.constraint import Constraint
     from serving.engines.model_text import ModelText
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
@@ -97,6 +98,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: AdapterRef | None = None  # None = the base model
+    constraint: Constraint | None = None  # structured output: the grammar the generated text must follow
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from serving.engines.base import (
     max_total_tokens_for,
     resolve_seed,
 )
+from serving.engines.constraint import TokenMatcher
 from serving.engines.model_text import ModelText, text_config
 from serving.engines.resident_adapters import ResidentAdapters
 from serving.engines.sampling import choose_token_with_alternatives
@@ -60,6 +61,7 @@ class _Sequence:
     seen: torch.Tensor | None = None  # vocabulary mask for the repetition penalty
     prefill: list[PrefillToken] = field(default_factory=list)
     admitted_at: float = 0.0
+    matcher: TokenMatcher | None = None  # structured output: which tokens the grammar allows next
 
     @property
     def adapter_id(self) -> str | None:
@@ -206,6 +208,7 @@ class TorchEngine(Engine):
             seed=seed,
             generator=generator,
             enqueued_at=time.perf_counter(),
+            matcher=request.constraint.matcher() if request.constraint else None,
         )
         with self._cond:
             if not self._running:
@@ -314,9 +317,13 @@ class TorchEngine(Engine):
     def _emit(self, sequence: _Sequence, logits: torch.Tensor) -> None:
         """Choose the next token, stream it, and finish the sequence when a stop condition holds."""
         params = sequence.request.params
+        if sequence.matcher is not None:
+            sequence.matcher.mask(logits)
         token_id, logprob, ranked = choose_token_with_alternatives(
             logits, params, sequence.seen, sequence.generator, params.alternatives or 0
         )
+        if sequence.matcher is not None:
+            sequence.matcher.accept(token_id)
         if sequence.seen is not None:
             sequence.seen[token_id] = True
         alternatives = self.text.alternatives(ranked) if params.alternatives is not None else None

@@ -44,6 +44,9 @@ from serving.errors import (
 
 log = logging.getLogger(__name__)
 
+#: structured output as the torch engine compiles it: xgrammar, compact JSON (``constraint.JSON_SEPARATORS``)
+STRUCTURED_OUTPUTS_ARGS = ("--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}))
+
 
 class VllmEngine(Engine):
     """Generation by a vLLM OpenAI server, launched as our child or attached to with ``url``.
@@ -92,7 +95,7 @@ class VllmEngine(Engine):
             self.process = VllmProcess(
                 self._base_dir, model_name, venv=venv, dtype=dtype, max_model_len=self.max_total_tokens,
                 max_lora_rank=max_lora_rank, max_loras=max_loras, max_cpu_loras=max_resident_adapters,
-                max_num_seqs=max_queue, cpu=cpu,
+                max_num_seqs=max_queue, cpu=cpu, extra_args=STRUCTURED_OUTPUTS_ARGS,
             )  # fmt: skip
         self._served_name = model_name
         self._adapters = AdapterLRU(max_resident_adapters)
@@ -284,6 +287,8 @@ class VllmEngine(Engine):
         if params.stop:
             body["stop"] = list(params.stop)
             body["include_stop_str_in_output"] = True
+        if request.constraint is not None:
+            body["structured_outputs"] = request.constraint.spec.vllm()
         return body
 
     async def _prefill_logprobs(self, request: GenerationRequest) -> list:

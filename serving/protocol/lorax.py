@@ -12,6 +12,7 @@ from typing import AsyncIterator, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.engines.base import MAX_ALTERNATIVES, Event, GenerationResult, PrefillToken, SamplingParams, TokenEvent, TokenInfo
+from serving.engines.constraint import ConstraintSpec
 from serving.errors import ServingError
 
 
@@ -21,6 +22,29 @@ class MergedAdapters(BaseModel):
     merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
     density: float = 1.0
     majority_sign_method: Literal["total", "frequency"] = "total"
+
+
+class ResponseFormat(BaseModel):
+    """LoRAX ``response_format``: ``json_object`` (or ``json_schema``) with a JSON ``schema``, or ``text``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema_: dict | None = Field(default=None, alias="schema")
+
+    @model_validator(mode="after")
+    def _schema_fits_type(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema_ is None:
+            raise ValueError("`json_schema` needs a `schema`; send type json_object for any JSON object")
+        if self.type == "text" and self.json_schema_ is not None:
+            raise ValueError("a `schema` needs type json_object")
+        return self
+
+    def constraint(self) -> ConstraintSpec | None:
+        """The output constraint; none for ``text``; any JSON object when no schema is given."""
+        if self.type == "text":
+            return None
+        return ConstraintSpec.json_schema(self.json_schema_, "parameters.response_format.schema")
 
 
 class GenerateParameters(BaseModel):
@@ -52,7 +76,7 @@ class GenerateParameters(BaseModel):
     return_k_alternatives: int | None = None
     apply_chat_template: bool = False
     seed: int | None = Field(default=None, ge=0)
-    response_format: dict | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -71,7 +95,6 @@ class GenerateParameters(BaseModel):
                 self.return_k_alternatives is not None and not 0 <= self.return_k_alternatives <= MAX_ALTERNATIVES,
                 f"send an integer from 1 to {MAX_ALTERNATIVES} (given {self.return_k_alternatives}), or leave it out",
             ),
-            "response_format": (self.response_format is not None, "leave it out; constrain output with stop sequences"),
             "adapter_source": (
                 self.adapter_source not in (None, "hub", "local"),
                 "adapters come from the server's registry: leave adapter_source out",
@@ -81,6 +104,11 @@ class GenerateParameters(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+    def constraint(self) -> ConstraintSpec | None:
+        """The output constraint ``response_format`` asks for, if any."""
+        return self.response_format.constraint() if self.response_format else None
 
 
 class GenerateRequest(BaseModel):

@@ -10,14 +10,79 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from typing import AsyncIterator, Literal
+import json
+from typing import Annotated, AsyncIterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from serving.engines.base import MAX_ALTERNATIVES, Event, GenerationResult, SamplingParams
+from serving.engines.constraint import ConstraintSpec
 from serving.errors import ServingError
 
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+
+#: the request fields that constrain the output; a request may send one
+_CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "structured_outputs")
+
+
+def _parse_json_text(value):
+    """vLLM accepts a JSON schema as an object or as JSON text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as error:
+        raise ValueError(f"not valid JSON ({error}); send a JSON schema object") from error
+
+
+_Schema = Annotated[dict, BeforeValidator(_parse_json_text)]
+_Regex = Annotated[str, Field(min_length=1)]
+_Choices = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+
+
+class JsonSchema(BaseModel):
+    """OpenAI ``response_format.json_schema``; ``strict`` is accepted: the schema is always enforced."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    name: str
+    description: str | None = None
+    json_schema: dict = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI ``response_format``: ``text``, ``json_object`` (any JSON object) or ``json_schema``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_fits_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("send `json_schema` exactly when type is json_schema")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs``: exactly one of ``json``, ``regex``, ``choice``, ``json_object``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    json_: _Schema | None = Field(default=None, alias="json")
+    regex: _Regex | None = None
+    choice: _Choices | None = None
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "StructuredOutputs":
+        fields = {"json": self.json_, "regex": self.regex, "choice": self.choice, "json_object": self.json_object}
+        given = [name for name, value in fields.items() if value is not None]
+        if len(given) != 1:
+            raise ValueError(f"send exactly one of json, regex, choice, json_object (given: {', '.join(given) or 'none'})")
+        return self
 
 
 class _Common(BaseModel):
@@ -41,9 +106,20 @@ class _Common(BaseModel):
     top_k: int | None = Field(default=None, gt=0)
     repetition_penalty: float | None = Field(default=None, gt=0)
     ignore_eos_token: bool = False
+    # Structured output: OpenAI's, and vLLM's older (guided_*) and newer (structured_outputs) fields.
+    response_format: ResponseFormat | None = None
+    guided_json: _Schema | None = None
+    guided_regex: _Regex | None = None
+    guided_choice: _Choices | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @model_validator(mode="after")
     def _supported(self):
+        constraints = [name for name in _CONSTRAINT_FIELDS if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type == "text":
+            constraints.remove("response_format")
+        if len(constraints) > 1:
+            raise ValueError(f"send at most one of {', '.join(_CONSTRAINT_FIELDS)} (given: {', '.join(constraints)})")
         unsupported = {
             "n": (self.n != 1, "send n=1 and repeat the request"),
             "frequency_penalty": (bool(self.frequency_penalty), "use repetition_penalty"),
@@ -58,6 +134,30 @@ class _Common(BaseModel):
 
     def _unsupported_extra(self) -> dict:
         return {}
+
+    def constraint(self) -> ConstraintSpec | None:
+        """The output constraint the request asks for, if any (compiled, and checked, by the service)."""
+        if self.guided_json is not None:
+            return ConstraintSpec.json_schema(self.guided_json, "guided_json")
+        if self.guided_regex is not None:
+            return ConstraintSpec.regex(self.guided_regex, "guided_regex")
+        if self.guided_choice is not None:
+            return ConstraintSpec.choice(self.guided_choice, "guided_choice")
+        outputs = self.structured_outputs
+        if outputs is not None:
+            if outputs.json_ is not None:
+                return ConstraintSpec.json_schema(outputs.json_, "structured_outputs.json")
+            if outputs.regex is not None:
+                return ConstraintSpec.regex(outputs.regex, "structured_outputs.regex")
+            if outputs.choice is not None:
+                return ConstraintSpec.choice(outputs.choice, "structured_outputs.choice")
+            return ConstraintSpec.json_schema(None, "structured_outputs.json_object") if outputs.json_object else None
+        response_format = self.response_format
+        if response_format is None or response_format.type == "text":
+            return None
+        if response_format.type == "json_object":
+            return ConstraintSpec.json_schema(None, "response_format")
+        return ConstraintSpec.json_schema(response_format.json_schema.json_schema, "response_format.json_schema.schema")
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -149,7 +249,6 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, gt=0)
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
 
@@ -158,10 +257,6 @@ class ChatCompletionRequest(_Common):
             "logprobs": (
                 self.logprobs or bool(self.top_logprobs),
                 "leave it out; /v1/completions `logprobs` and the LoRAX API return per-token logprobs",
-            ),
-            "response_format": (
-                self.response_format not in (None, {"type": "text"}),
-                "leave it out; constrain output with stop sequences",
             ),
             "tools": (bool(self.tools), "leave it out"),
             "tool_choice": (self.tool_choice not in (None, "none"), "leave it out"),

@@ -26,6 +26,7 @@ def lorax_routes(service: Service) -> APIRouter:
             params=lorax.sampling_params(parameters, max_new_tokens=1),
             max_new_tokens=parameters.max_new_tokens,
             truncate=parameters.truncate,
+            constraint=parameters.constraint(),
         )
 
     async def generate(body: lorax.GenerateRequest, request: Request, as_list: bool) -> Response:

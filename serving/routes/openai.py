@@ -41,6 +41,7 @@ def openai_routes(service: Service) -> APIRouter:
                 params=body.sampling_params(1),
                 max_new_tokens=max_tokens,
                 answer_text=body.answer_text,
+                constraint=body.constraint(),
             )
         )
         request_id = openai.new_id("chatcmpl" if chat else "cmpl")
