@@ -81,8 +81,9 @@ def format_text(result: DemoResult) -> str:
         lines.append(f"   {arm:<8} {figures['requests']:>8} {figures['errors']:>6} {_number(figures['latency_p50_ms'], 0):>8} "
                      f"{_number(figures['latency_p95_ms'], 0):>8} {_number(figures['prompt_tokens_per_request'], 1):>10} "
                      f"{figures['feedback']:>8} {_number(figures['correct_rate'], 3):>7}")
-    for decision in data["decisions"]:
-        lines.append(f"   watch: {decision['action']:<8} student at {decision['weight']:g}% — {'; '.join(decision['reasons'])}")
+    for decision, repeats in _runs(data["decisions"]):
+        times = f" ×{repeats}" if repeats > 1 else ""
+        lines.append(f"   watch: {decision['action']}{times} → student at {decision['weight']:g}% — {'; '.join(decision['reasons'])}")
     if data["verdict"]:
         srm, primary = data["srm"], data["primary"]
         lines += ["", f"5. analysis of the last step both arms served (metrics from {data['metrics_source']}):",
@@ -102,6 +103,17 @@ def format_text(result: DemoResult) -> str:
               f"--server-port {_server_port(state)}   # keep the stack running",
               f"   stillhouse abtest analyze --route {ROUTE} --config {state / 'traffic.yaml'} --prometheus http://{LOOPBACK}:9090 --html report.html"]
     return "\n".join(lines)
+
+
+def _runs(decisions: list[dict]) -> list[tuple[dict, int]]:
+    """Consecutive decisions with the same action and weight as one (the last of them) and their count."""
+    runs: list[tuple[dict, int]] = []
+    for decision in decisions:
+        if runs and (runs[-1][0]["action"], runs[-1][0]["weight"]) == (decision["action"], decision["weight"]):
+            runs[-1] = (decision, runs[-1][1] + 1)
+        else:
+            runs.append((decision, 1))
+    return runs
 
 
 def _server_port(state: Path) -> str:

@@ -4,7 +4,9 @@ Each user has a sticky id (``X-User-Id``), so the router keeps them on one arm. 
 lorax-client, half the openai client, as real users would. The openai users read the router's
 ``x-request-id`` header and post ``correct`` (the answer matched the gold label) to
 ``POST /feedback``; lorax-client returns no response headers, so its users cannot name the
-request they would score and send none.
+request they would score and send none. The openai users constrain the answer to the task's
+labels (vLLM's ``guided_choice``, which the server enforces with a grammar), as a client that
+needs a valid label would.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from tqdm import tqdm
 from training.task import Task
 
 FEEDBACK_METRIC = "correct"
+#: room for a label under ``guided_choice``: spelled without a leading space it can take several tokens
+CHOICE_MAX_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ class SimulatedUsers:
                 )
                 return Sent(user, client, None, review["label"], self.task.parse(answer.generated_text).value, scored=False)
             raw = self._openai.completions.with_raw_response.create(
-                model=self.route, prompt=review["review"], max_tokens=generation.max_new_tokens, temperature=0,
+                model=self.route, prompt=review["review"], max_tokens=CHOICE_MAX_TOKENS, temperature=0,
                 stop=list(generation.stop), extra_headers={"X-User-Id": user},
                 extra_body={"guided_choice": list(self.task.output.labels)},  # the answer is always one of the labels
             )
