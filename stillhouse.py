@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Packages whose ``cli`` module contributes subcommands, in the order `--help` lists them.
-COMMAND_MODULES = ["serving.cli", "training.cli", "abtest.cli", "monitoring.cli"]
+COMMAND_MODULES = ["serving.cli", "training.cli", "abtest.cli", "monitoring.cli", "loop.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

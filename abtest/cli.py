@@ -125,33 +125,21 @@ def parse_duration(text: str, flag: str) -> float:
     return value * unit
 
 
-class _ScrapingSource:
-    """The snapshot store, scraped once before each read pass (one look = one snapshot)."""
-
-    def __init__(self, url: str, state: Path):
-        from monitoring.snapshots import SnapshotStore
-
-        self.url, self.store = url, SnapshotStore(state)
-
-    def look(self) -> str | None:
-        return self.store.scrape(self.url)
-
-    def read(self, *args, **kwargs):
-        return self.store.read(*args, **kwargs)
-
-
 def _source(args: argparse.Namespace):
     from monitoring.prometheus import Prometheus, PrometheusSource
+    from monitoring.snapshots import ScrapingSource
     from serving.base_models import stillhouse_home
 
     if args.prometheus:
         return PrometheusSource(Prometheus(args.prometheus))
     state = args.state or stillhouse_home() / "abtest" / f"{args.route}.jsonl"
-    return _ScrapingSource(args.metrics_url.rstrip("/") + ("" if args.metrics_url.endswith("/metrics") else "/metrics"), state)
+    return ScrapingSource(args.metrics_url.rstrip("/") + ("" if args.metrics_url.endswith("/metrics") else "/metrics"), state)
 
 
 def _look(source) -> None:
-    if isinstance(source, _ScrapingSource) and (problem := source.look()) is not None:
+    from monitoring.snapshots import ScrapingSource
+
+    if isinstance(source, ScrapingSource) and (problem := source.look()) is not None:
         print(f"warning: {problem}; analysing the snapshots already taken", file=sys.stderr)
 
 

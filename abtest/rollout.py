@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -40,6 +40,7 @@ class Decision:
     action: str
     weight: float  # the candidate's weight after the decision, percent
     reasons: list[str]
+    window: tuple[float, float] | None = None  # the traffic the decision analysed (None: no analysis)
 
     @property
     def final(self) -> bool:
@@ -137,6 +138,7 @@ class Watch:
         config = traffic.load(self.config_path)
         analysis, _ = analyze_route(config, self.route, self.source, since, now, self.candidate)
         decision = decide(analysis, self.plan.ramp.steps, self.weight, (now - since) / 60, self.plan.ramp.min_minutes_per_step)
+        decision = replace(decision, window=(since, now))
         self._apply(decision, analysis)
         return decision
 

@@ -85,3 +85,20 @@ class SnapshotStore:
                     points.setdefault(tuple(sorted(labels.items())), []).append((at, value))
         found = [Series(name, dict(key), tuple(values)) for key, values in points.items()]
         return QueryResult(OK if found else EMPTY, found)
+
+
+class ScrapingSource:
+    """A metrics page read through a snapshot store: ``look`` scrapes it once, ``read`` serves the snapshots.
+
+    One look is one snapshot, so an analysis taken right after a look sees the page as it is now.
+    """
+
+    def __init__(self, url: str, state: Path):
+        self.url, self.store = url, SnapshotStore(state)
+
+    def look(self) -> str | None:
+        """Scrape the page; an error message when it did not answer."""
+        return self.store.scrape(self.url)
+
+    def read(self, *args, **kwargs):
+        return self.store.read(*args, **kwargs)

@@ -39,6 +39,8 @@ class StackSettings:
     prometheus_port: int = 9090
     registry: Path | None = None
     start_timeout_s: float = 600.0  # the first start converts gemma-3-270m (about a minute)
+    scrape_interval_s: int = 5  # Prometheus' scrape and rule-evaluation interval
+    reload_interval_s: float = 1.0  # how often the router checks the traffic-split file
 
 
 @dataclass
@@ -83,7 +85,7 @@ def children(settings: StackSettings) -> list[Child]:
     if settings.registry:
         server += ["--registry", str(settings.registry)]
     router = [*python, "route", "--config", str(router_config(settings)), "--host", LOOPBACK, "--port", str(settings.router_port),
-              "--request-log", str(settings.state_dir / "router-requests.db")]
+              "--request-log", str(settings.state_dir / "router-requests.db"), "--reload-interval", str(settings.reload_interval_s)]
     stack = [
         Child("server", server, f"http://{LOOPBACK}:{settings.server_port}/health", logs / "server.log"),
         Child("router", router, f"http://{LOOPBACK}:{settings.router_port}/health", logs / "router.log"),
@@ -92,7 +94,7 @@ def children(settings: StackSettings) -> list[Child]:
     if prometheus:
         config = write_local_config(settings.state_dir / "prometheus.yml", {
             "stillhouse-server": [f"{LOOPBACK}:{settings.server_port}"], "stillhouse-router": [f"{LOOPBACK}:{settings.router_port}"],
-        })
+        }, scrape_interval=f"{settings.scrape_interval_s}s")
         command = prometheus_command(prometheus, config, settings.state_dir / "tsdb", settings.prometheus_port, LOOPBACK)
         stack.append(Child("prometheus", command, f"http://{LOOPBACK}:{settings.prometheus_port}/-/ready", logs / "prometheus.log"))
     return stack

@@ -17,7 +17,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_models(subparsers)
     _register_adapters(subparsers)
     _register_serve(subparsers)
-    _register_demo(subparsers)
     _register_engines(subparsers)
 
 
@@ -233,28 +232,16 @@ def request_log_ready(target: Path | str | None) -> bool:
     return True
 
 
-def _register_demo(subparsers: argparse._SubParsersAction) -> None:
-    demo = subparsers.add_parser("demo", help="start the server on the base model and call it once per protocol")
-    _add_server_flags(demo, default_port=None)
-    demo.set_defaults(handler=_demo)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from serving import demo
-
-    return demo.run(args, serve_settings(args))
-
-
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
-    """The settings the `serve` and `demo` flags describe."""
+    """The settings the `serve` flags describe."""
     from serving.service import DEFAULT_MAX_BODY_BYTES, ServerSettings, ServeSettings
 
     server = ServerSettings(
         profile=args.profile,
         admin_token=args.admin_token,
         default_max_new_tokens=args.default_max_new_tokens,
-        request_log=getattr(args, "request_log", None),  # `demo` has no request log
-        max_body_bytes=getattr(args, "max_body_bytes", None) or DEFAULT_MAX_BODY_BYTES,
+        request_log=args.request_log,
+        max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
     )
     return ServeSettings(
         base=args.base,

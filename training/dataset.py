@@ -155,7 +155,8 @@ def _logged_rows(task: Task, data: DataConfig, target: str) -> list[Row]:
 
     ``target`` is what `stillhouse serve|route --request-log` was given: a SQLite file or a
     ``postgresql://`` URL. The logged output is the teacher's answer; a prompt that matches neither
-    template keeps empty inputs, so curation drops it as ``missing_input`` and the card counts it.
+    template (nor is a routed input, below) keeps empty inputs, so curation drops it as
+    ``missing_input`` and the card counts it.
     """
     from serving.request_log import RequestLogError, open_store, parse_target
 
@@ -183,9 +184,17 @@ def _logged_rows(task: Task, data: DataConfig, target: str) -> list[Row]:
         exchange = item.exchange
         if exchange.status != 200 or exchange.output is None:
             continue
-        inputs = task.inputs_from_prompt(exchange.prompt) or {field: "" for field in task.input_fields}
+        inputs = task.inputs_from_prompt(exchange.prompt) or _routed_input(task, exchange) or {field: "" for field in task.input_fields}
         rows.append(Row(id=exchange.request_id, inputs=inputs, output=exchange.output.strip()))
     return rows
+
+
+def _routed_input(task: Task, exchange) -> dict[str, str] | None:
+    """The router logs what the client sent; on a template route (its arms render their own prompts
+    around it, so the row has a template version) that is the value of a one-field task's input."""
+    if exchange.route is None or exchange.template_version is None or len(task.input_fields) != 1:
+        return None
+    return {task.input_fields[0]: exchange.prompt}
 
 
 def _generated_rows(task: Task, data: DataConfig) -> list[Row]:

@@ -82,6 +82,8 @@ def train(
 
     # --- setup: refuse a non-servable shape before spending anything on it
     require_servable(lora, base_dir)
+    if not rows:
+        raise ValueError("the training split is empty: curation kept no rows (its dataset card, data/card.md, says which step dropped them)")
     base_name = servability.base_names(base_dir)[0]
     tokenizer = _tokenizer(str(base_dir))
     examples, too_long = encode(rows, task, tokenizer, settings.max_length, settings.kd_top_k if settings.kd_ratio else 0)

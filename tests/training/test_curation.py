@@ -128,3 +128,17 @@ def test_request_log_source_selects_by_route_and_feedback(tmp_path):
 
     liked = dataset.load_rows(TASK, DataConfig(source=f"request-log:{path}", log_filter=LogFilter(route="sentiment", min_feedback={"thumbs": 0.5})))
     assert [r.id for r in liked] == ["r1", "r4"]
+
+
+def test_request_log_source_reads_a_template_routes_client_input(tmp_path):
+    """The router logs the client's prompt; on a template route (a template version is logged) that is the input."""
+    path = tmp_path / "log.sqlite"
+    store = SQLiteStore(path)
+    store.write([
+        Exchange(request_id="t1", prompt="Great desk", protocol="openai_completions", route="sentiment", arm="teacher",
+                 template_version="abc123", output=" positive"),
+        Exchange(request_id="p1", prompt="Great desk", protocol="lorax", route="sentiment", arm="teacher", output=" positive"),
+    ], [])
+    store.close()
+    rows = dataset.load_rows(TASK, DataConfig(source=f"request-log:{path}", log_filter=LogFilter(route="sentiment")))
+    assert [(row.id, row.inputs) for row in rows] == [("t1", {"review": "Great desk"}), ("p1", {"review": ""})]
