@@ -21,12 +21,9 @@ def demo(state_dir) -> list[str]:
 
 
 def bound(port: int) -> bool:
+    """Something still listens on the port (closed connections in TIME_WAIT do not count)."""
     with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def ports_of(state_dir) -> list[int]:
