@@ -53,6 +53,14 @@ def started(base_dir: Path, **kwargs) -> TorchEngine:
     return engine
 
 
+def run_then_stop(engine: TorchEngine, scenario):
+    """Run the coroutine function ``scenario``, then stop the engine whatever happened."""
+    try:
+        return asyncio.run(scenario())
+    finally:
+        asyncio.run(engine.stop())
+
+
 @pytest.fixture(scope="module")
 def windowed_base(tiny_base_dir, tmp_path_factory) -> Path:
     """The tiny base with a sliding window of 8 tokens on its sliding-attention layer."""
@@ -121,10 +129,7 @@ def test_mixed_adapter_batches_match_peft_one_at_a_time(windowed_base, adapters,
             )
         )
 
-    try:
-        results = asyncio.run(all_mixed())
-    finally:
-        asyncio.run(engine.stop())
+    results = run_then_stop(engine, all_mixed)
     for ((adapter, i), n), (tokens, result) in zip(zip(combos, lengths), results):
         assert tokens == references[adapter and adapter.adapter_id, i][:n], (adapter, i, n)
         assert result.generated_tokens == n
@@ -133,13 +138,14 @@ def test_mixed_adapter_batches_match_peft_one_at_a_time(windowed_base, adapters,
 def test_one_at_a_time_equals_batched(windowed_base, adapters, prompts, references):
     engine = started(windowed_base, prefill_chunk=5)
     params = SamplingParams(max_new_tokens=MAX_NEW)
-    try:
+
+    async def one_at_a_time():
         for adapter in [None, adapters[1]]:
             for i in (0, 5):
-                tokens, _ = asyncio.run(collect(engine, prompts[i], params, adapter))
+                tokens, _ = await collect(engine, prompts[i], params, adapter)
                 assert tokens == references[adapter and adapter.adapter_id, i]
-    finally:
-        asyncio.run(engine.stop())
+
+    run_then_stop(engine, one_at_a_time)
 
 
 def test_chunked_prefill_gives_the_same_prompt_logprobs(windowed_base, adapters, prompts):
@@ -147,10 +153,7 @@ def test_chunked_prefill_gives_the_same_prompt_logprobs(windowed_base, adapters,
     runs = []
     for chunk in (4, 256):
         engine = started(windowed_base, prefill_chunk=chunk)
-        try:
-            runs.append(asyncio.run(collect(engine, prompts[-1], params, adapters[0]))[1].prefill)
-        finally:
-            asyncio.run(engine.stop())
+        runs.append(run_then_stop(engine, lambda: collect(engine, prompts[-1], params, adapters[0]))[1].prefill)
     chunked, whole = runs
     assert [t.id for t in chunked] == [t.id for t in whole] == prompts[-1]
     assert chunked[0].logprob is whole[0].logprob is None
@@ -179,10 +182,7 @@ def test_cancelled_streams_free_their_rows_and_cache(windowed_base, adapters, pr
         tokens, _ = await collect(engine, prompts[1], SamplingParams(max_new_tokens=3))
         assert len(tokens) == 3
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        asyncio.run(engine.stop())
+    run_then_stop(engine, scenario)
 
 
 def test_full_queue_answers_overloaded_then_recovers(windowed_base, prompts, references):
@@ -204,10 +204,7 @@ def test_full_queue_answers_overloaded_then_recovers(windowed_base, prompts, ref
         tokens, _ = await collect(engine, prompts[4], SamplingParams(max_new_tokens=MAX_NEW))
         assert tokens == references[None, 4]
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        asyncio.run(engine.stop())
+    run_then_stop(engine, scenario)
 
 
 def test_admission_is_round_robin_across_adapters(windowed_base, adapters, prompts):
@@ -231,10 +228,7 @@ def test_admission_is_round_robin_across_adapters(windowed_base, adapters, promp
         await asyncio.gather(*tasks)
         return finished
 
-    try:
-        finished = asyncio.run(scenario())
-    finally:
-        asyncio.run(engine.stop())
+    finished = run_then_stop(engine, scenario)
     assert finished[:3] == ["hot0", "cold", "base"]
 
 
@@ -247,3 +241,43 @@ def test_fair_queue_rotates_keys_and_keeps_order_within_one():
     queue.push(None, 7)
     assert [queue.pop() for _ in range(3)] == [6, 3, 7]
     assert len(queue) == 0
+
+
+# --- the real base model ------------------------------------------------------------------
+
+REAL_PROMPTS = [
+    "Review: Lovely view and kind hosts.\nSentiment:",
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+]
+
+
+@pytest.mark.slow
+def test_real_base_batched_equals_sequential_and_bf16_mostly_agrees(real_base_dir, tmp_path):
+    adapters = [
+        AdapterRef(f"real{seed}@v1", make_lora_adapter(real_base_dir, tmp_path / str(seed), r=8, alpha=16, seed=seed, scale=0.02))
+        for seed in (1, 2)
+    ]
+    params = SamplingParams(max_new_tokens=16, ignore_eos_token=True)
+    combos = [(adapter, prompt) for adapter in [None, *adapters] for prompt in REAL_PROMPTS]
+
+    def run(dtype: torch.dtype, batched: bool) -> list[list[int]]:
+        engine = TorchEngine(real_base_dir, "gemma-3-270m", dtype=dtype)
+        asyncio.run(engine.start())
+
+        async def requests():
+            calls = [collect(engine, engine.tokenize(p), params, a) for a, p in combos]
+            if batched:
+                return await asyncio.gather(*calls)
+            return [await call for call in calls]
+
+        return [tokens for tokens, _ in run_then_stop(engine, requests)]
+
+    batched = run(torch.float32, batched=True)
+    assert batched == run(torch.float32, batched=False)
+    bf16 = run(torch.bfloat16, batched=True)
+    agreeing = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(batched, bf16)]
+    share = sum(agreeing) / sum(map(len, batched))
+    first = sum(n > 0 for n in agreeing) / len(agreeing)
+    print(f"\nbf16 vs fp32 greedy: {share:.0%} of tokens before the first divergence, first token equal in {first:.0%}")
+    assert first >= 0.5  # a loose floor: bf16 may diverge, but not from the very first token on most prompts
