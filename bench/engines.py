@@ -36,6 +36,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from serving import base_models
+from serving.engines.precision import DTYPES
 from serving.engines.vllm_install import DEFAULT_VENV, venv_python
 from serving.loopback import free_port
 from serving.registry import Registry
@@ -231,7 +232,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=0, help="stretch every prompt to about this many tokens")
     parser.add_argument("--choice", choices=["uniform", "zipf"], default="uniform", help="how each request's adapter is drawn")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="both engines' dtype")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="both engines' dtype")
     parser.add_argument("--active-adapters", type=int, default=32, help="--max-resident-adapters of the servers")
     parser.add_argument("--engines", nargs="+", default=["torch", "vllm"], choices=["torch", "vllm"])
     args = parser.parse_args()

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from serving.engines.precision import DTYPES
+
 if TYPE_CHECKING:
     from serving.service import ServeSettings
 
@@ -186,7 +188,7 @@ def _add_server_flags(parser: argparse.ArgumentParser, default_port: int | None)
         "--max-cpu-adapters", type=int, default=64, help="torch engine: adapters kept in CPU memory for a fast reload (LRU)"
     )
     parser.add_argument(
-        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+        "--dtype", choices=DTYPES, default="auto",
         help="compute dtype of either engine: auto (default: bfloat16 where the hardware computes it natively, else float32)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch engine: compute threads (default: the cores it may use)")

@@ -8,18 +8,18 @@ the parity path: the torch and vLLM engines agree token for token in it.
 from __future__ import annotations
 
 import logging
-from typing import Literal
-
-import torch
+from typing import Literal, get_args
 
 log = logging.getLogger(__name__)
 
 DtypeName = Literal["auto", "float32", "bfloat16"]
-DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
+DTYPES: tuple[str, ...] = get_args(DtypeName)
 
 
 def native_bf16(device: str = "cpu") -> bool:
     """Whether ``device`` computes bfloat16 matmuls natively."""
+    import torch  # here: the CLI reads DTYPES without paying for torch
+
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -31,6 +31,8 @@ def resolve_dtype(name: str, device: str = "cpu") -> str:
         raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
     if name != "auto":
         return name
+    import torch
+
     chosen = "bfloat16" if native_bf16(device) else "float32"
     capability = torch.backends.cpu.get_cpu_capability() if not device.startswith("cuda") else device
     log.info("dtype auto: %s (%s, native bf16: %s)", chosen, capability, chosen == "bfloat16")

@@ -23,6 +23,7 @@ from serving.engines.fair_queue import FairQueue
 from serving.engines.torch_engine import TorchEngine
 from serving.errors import OverloadedError
 from tests.lora_factory import make_lora_adapter
+from tests.serving.engines.test_torch_engine import wait_until
 
 WINDOW = 8
 MAX_NEW = 10
@@ -37,14 +38,6 @@ async def collect(engine: TorchEngine, prompt_ids: list[int], params: SamplingPa
         else:
             result = event
     return tokens, result
-
-
-async def wait_until(condition, timeout_s: float = 20.0) -> None:
-    for _ in range(int(timeout_s / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 def started(base_dir: Path, **kwargs) -> TorchEngine:
