@@ -194,7 +194,10 @@ class TorchEngine(Engine):
         if adapter.adapter_id in self.resident_adapters():
             return await self._on_worker(lambda: self._adapters.load(adapter, None))
         started = time.perf_counter()
-        weights = await asyncio.to_thread(self._adapters.read, adapter)
+        try:
+            weights = await asyncio.to_thread(self._adapters.read, adapter)
+        except Exception as exc:
+            raise GenerationError(f"could not load adapter {adapter.adapter_id}: {exc}") from exc
         copy_seconds = await self._on_worker(lambda: self._adapters.load(adapter, weights))
         return time.perf_counter() - started if copy_seconds else 0.0
 

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from serving.engines.base import AdapterRef, GenerationRequest, SamplingParams, TokenEvent
 from serving.engines.fair_queue import FairQueue
 from serving.engines.torch_engine import TorchEngine
-from serving.errors import OverloadedError
+from serving.errors import GenerationError, OverloadedError
 from tests.lora_factory import make_lora_adapter
 from tests.serving.engines.test_torch_engine import wait_until
 
@@ -274,3 +274,15 @@ def test_real_base_batched_equals_sequential_and_bf16_mostly_agrees(real_base_di
     first = sum(n > 0 for n in agreeing) / len(agreeing)
     print(f"\nbf16 vs fp32 greedy: {share:.0%} of tokens before the first divergence, first token equal in {first:.0%}")
     assert first >= 0.5  # a loose floor: bf16 may diverge, but not from the very first token on most prompts
+
+
+def test_loading_a_broken_adapter_fails_with_a_generation_error(windowed_base, tmp_path):
+    engine = started(windowed_base)
+    broken = AdapterRef("broken@v1", tmp_path)  # no adapter_config.json
+
+    async def scenario():
+        with pytest.raises(GenerationError, match="adapter_config.json"):
+            await engine.load_adapter(broken)
+        assert engine.resident_adapters() == []
+
+    run_then_stop(engine, scenario)
