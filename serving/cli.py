@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from serving.engines.precision import DTYPES
+
 if TYPE_CHECKING:
     from serving.service import ServeSettings
 
@@ -178,7 +180,15 @@ def _add_server_flags(parser: argparse.ArgumentParser, default_port: int | None)
         help="bearer token for /admin/* and /v1/(un)load_lora_adapter (default: $STILLHOUSE_ADMIN_TOKEN; unset disables them)",
     )
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before 429 overloaded")
-    parser.add_argument("--max-resident-adapters", type=int, default=8, help="adapters kept loaded at once (LRU)")
+    parser.add_argument("--max-resident-adapters", type=int, default=8, help="adapters applied in batches at once (LRU)")
+    parser.add_argument(
+        "--max-cpu-adapters", type=int, default=64, help="torch engine: adapters kept in CPU memory for a fast reload (LRU)"
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="auto",
+        help="compute dtype of either engine: auto (default: bfloat16 where the hardware computes it natively, else float32)",
+    )  # fmt: skip
+    parser.add_argument("--threads", type=int, default=None, help="torch engine: compute threads (default: the cores it may use)")
     parser.add_argument("--default-max-new-tokens", type=int, default=256, help="used when a request leaves max_new_tokens unset")
     parser.add_argument("--max-total-tokens", type=int, default=None, help="prompt + new tokens limit (default: the model's, at most 8192)")
 
@@ -250,7 +260,10 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         engine_url=args.engine_url,
         max_queue=args.max_queue,
         max_resident_adapters=args.max_resident_adapters,
+        max_cpu_adapters=args.max_cpu_adapters,
         max_total_tokens=args.max_total_tokens,
+        dtype=args.dtype,
+        threads=args.threads,
         server=server,
     )
 

@@ -26,6 +26,7 @@ from serving import servability
 from serving.engines.base import AdapterRef, Engine, Event, GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 from serving.engines.constraint import Constraint, ConstraintSpec, Grammars
 from serving.engines.model_text import text_config
+from serving.engines.precision import DTYPES, DtypeName, resolve_dtype
 from serving.errors import AdapterNotServableError, GenerationError, IncompleteGenerationError, ServingError, ValidationError
 from serving.registry import Registry
 from serving.request_log import Exchange, RequestLog
@@ -56,13 +57,18 @@ class ServeSettings:
     engine: Literal["torch", "vllm"] = "torch"
     engine_url: str | None = None  # vllm: attach to this running server instead of launching one
     max_queue: int = 64  # requests waiting or running before 429 overloaded
-    max_resident_adapters: int = 8
+    max_resident_adapters: int = 8  # adapters applied in batches at once (slots), LRU
+    max_cpu_adapters: int = 64  # torch: adapters kept in CPU memory for a fast reload, LRU
     max_total_tokens: int | None = None  # default: the model's, at most 8192
+    dtype: DtypeName = "auto"  # auto (bfloat16 where the hardware computes it natively), float32 or bfloat16
+    threads: int | None = None  # torch: compute threads (default: the cores this process may use)
     server: ServerSettings = field(default_factory=ServerSettings)
 
     def __post_init__(self):
         if self.engine not in ("torch", "vllm"):
             raise ValueError(f"engine {self.engine!r} is not one of torch, vllm")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.engine_url and self.engine != "vllm":
             raise ValueError("engine_url attaches to a vLLM server: set engine='vllm' or leave engine_url out")
 
@@ -343,6 +349,8 @@ def build_service(settings: ServeSettings) -> Service:
     if settings.engine == "vllm":
         engine = _vllm_engine(settings, base_dir, model_name, registry)
     else:
+        import torch
+
         from serving.engines.torch_engine import TorchEngine
 
         engine = TorchEngine(
@@ -350,7 +358,10 @@ def build_service(settings: ServeSettings) -> Service:
             model_name,
             max_queue=settings.max_queue,
             max_resident_adapters=settings.max_resident_adapters,
+            max_cpu_adapters=settings.max_cpu_adapters,
             max_total_tokens=settings.max_total_tokens,
+            dtype=getattr(torch, resolve_dtype(settings.dtype)),
+            threads=settings.threads,
         )
     return Service(engine=engine, registry=registry, base_dir=base_dir, settings=settings.server)
 
@@ -369,4 +380,5 @@ def _vllm_engine(settings: ServeSettings, base_dir: Path, model_name: str, regis
         max_resident_adapters=settings.max_resident_adapters,
         max_total_tokens=settings.max_total_tokens,
         max_lora_rank=max_lora_rank_for(ranks, servability.get_profile(settings.server.profile).ranks),
+        dtype=resolve_dtype(settings.dtype),
     )

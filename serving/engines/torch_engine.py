@@ -1,10 +1,13 @@
-"""The embedded engine: a transformers causal LM plus peft LoRA adapters, in-process.
+"""The embedded engine: a transformers causal LM with batched multi-adapter LoRA, in-process.
 
-One worker thread owns the model, so forwards never overlap and torch keeps every core.
-Each round it runs queued adapter loads and unloads, admits waiting requests (prefill),
-then gives every active sequence one decode step, each with its own KV cache: requests for
-different adapters therefore stream side by side. The event loop only enqueues requests;
-events come back through ``call_soon_threadsafe`` into one ``asyncio.Queue`` per request.
+One worker thread owns the model, so forwards never overlap and torch keeps every core. Each
+step it runs queued adapter commands, admits waiting requests (round-robin by adapter), runs
+one chunk of prompt prefill for newcomers, and then ONE decode forward for every running
+sequence together, whatever adapter each uses (``lora_layers``). A newcomer is prefilled on
+its own cache, a chunk per step so a long prompt never stalls the running streams, and then
+joins the batch cache (``batch_cache``); a finished or cancelled sequence leaves it at the next
+token boundary. The event loop only enqueues requests; events come back through
+``call_soon_threadsafe`` into one ``asyncio.Queue`` per request.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -23,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
+from serving.engines.adapter_weights import AdapterWeights
 from serving.engines.base import (
     AdapterRef,
     Engine,
@@ -34,7 +39,9 @@ from serving.engines.base import (
     max_total_tokens_for,
     resolve_seed,
 )
+from serving.engines.batch_cache import BatchCache
 from serving.engines.constraint import TokenMatcher
+from serving.engines.fair_queue import FairQueue
 from serving.engines.model_text import ModelText, text_config
 from serving.engines.resident_adapters import ResidentAdapters
 from serving.engines.sampling import choose_token_with_alternatives
@@ -42,6 +49,9 @@ from serving.engines.token_stream import TokenStream
 from serving.errors import GenerationError, IncompleteGenerationError, OverloadedError, ServingError
 
 log = logging.getLogger(__name__)
+
+#: prompt tokens prefilled per engine step, across newcomers: bounds how long a step stalls decoding
+DEFAULT_PREFILL_CHUNK = 256
 
 
 @dataclass(eq=False)
@@ -56,9 +66,13 @@ class _Sequence:
     enqueued_at: float
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    done: bool = False  # retired: no longer waiting, prefilling or decoding
     holds_adapter: bool = False
-    cache: DynamicCache | None = None
+    loading: concurrent.futures.Future | None = None  # its adapter's weights, read off the worker
+    cache: DynamicCache | None = None  # its own cache while it prefills; then it is a row of the batch cache
+    length: int = 0  # tokens in its KV cache: the position of its next input token
     seen: torch.Tensor | None = None  # vocabulary mask for the repetition penalty
+    prefill_scores: list[float | None] = field(default_factory=list)
     prefill: list[PrefillToken] = field(default_factory=list)
     admitted_at: float = 0.0
     matcher: TokenMatcher | None = None  # structured output: which tokens the grammar allows next
@@ -79,12 +93,18 @@ class _Sequence:
             self.cancelled = True
 
 
+def default_threads() -> int:
+    """Torch threads for the engine: one per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class TorchEngine(Engine):
-    """A transformers model with any number of resident peft LoRA adapters, on CPU or one GPU.
+    """A transformers model serving any mix of resident LoRA adapters in one batch, on CPU or one GPU.
 
     ``max_queue`` bounds the requests waiting or running (beyond it ``generate`` raises
-    ``OverloadedError``); ``max_active`` bounds how many of them decode at once, each with
-    its own KV cache.
+    ``OverloadedError``); ``max_active`` bounds how many of them decode at once, in one batch.
+    ``max_resident_adapters`` is the number of adapter slots of the batch; ``max_cpu_adapters``
+    how many adapters read from disk stay in CPU memory for a fast reload.
     """
 
     def __init__(
@@ -94,32 +114,43 @@ class TorchEngine(Engine):
         *,
         max_queue: int = 64,
         max_resident_adapters: int = 8,
+        max_cpu_adapters: int = 64,
         max_total_tokens: int | None = None,
         max_active: int = 16,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
+        threads: int | None = None,
     ):
         self.model_name = model_name
         self._base_dir = Path(base_dir)
         self._max_queue = max_queue
         self._max_active = max_active
+        self._prefill_chunk = prefill_chunk
         self._max_resident_adapters = max_resident_adapters
+        self._max_cpu_adapters = max_cpu_adapters
         self._dtype = dtype
         self._device = torch.device(device)
+        self._threads = threads or default_threads()
         self._config = text_config(self._base_dir)
         self.text = ModelText(self._base_dir, self._config)
         self.max_total_tokens = max_total_tokens_for(self._config, max_total_tokens)
         #: generated tokens that end a generation (tokenizer and generation config)
         self.eos_token_ids = self.text.eos_token_ids
         self._adapters: ResidentAdapters | None = None
+        self._loader: concurrent.futures.ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
         # guards everything the event loop and the worker share: the fields below
         self._cond = threading.Condition()
         self._running = False
-        self._waiting: deque[_Sequence] = deque()
+        self._waiting: FairQueue[_Sequence] = FairQueue()
         self._commands: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
-        self._depth = 0  # waiting + active
-        self._active: list[_Sequence] = []  # worker thread only
+        self._depth = 0  # waiting + admitted
+        # worker thread only: admitted sequences waiting for their adapter, prefilling, decoding
+        self._loading: list[_Sequence] = []
+        self._prefilling: list[_Sequence] = []
+        self._batch: list[_Sequence] = []
+        self._cache = BatchCache(self._config, self._device)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -127,8 +158,11 @@ class TorchEngine(Engine):
         """Load the model (off the event loop) and start the worker thread."""
         if self._thread is not None:
             return
+        torch.set_num_threads(self._threads)
+        log.info("torch engine: %s, %d threads", self._dtype, self._threads)
         model = await asyncio.to_thread(self._load_model)
-        self._adapters = ResidentAdapters(model, self._max_resident_adapters)
+        self._adapters = ResidentAdapters(model, self._max_resident_adapters, self._max_cpu_adapters)
+        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
         with self._cond:
             self._running = True
         self._thread = threading.Thread(target=self._run, name="torch-engine", daemon=True)
@@ -142,6 +176,9 @@ class TorchEngine(Engine):
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self._loader is not None:
+            self._loader.shutdown(wait=False, cancel_futures=True)
+            self._loader = None
         self._adapters = None
 
     def _load_model(self) -> torch.nn.Module:
@@ -151,8 +188,20 @@ class TorchEngine(Engine):
     # -- adapters --------------------------------------------------------------------------
 
     async def load_adapter(self, adapter: AdapterRef) -> float:
-        """Make an adapter resident; returns the load time in seconds (0 if already resident)."""
-        return await self._on_worker(lambda: self._adapters.load(adapter))
+        """Make an adapter resident; returns the load time in seconds (0 if already resident).
+
+        The weights are read off the worker (or come from the CPU cache); only the copy into
+        an adapter slot waits for a token boundary.
+        """
+        if adapter.adapter_id in self.resident_adapters():
+            return await self._on_worker(lambda: self._adapters.load(adapter, None))
+        started = time.perf_counter()
+        try:
+            weights = await asyncio.to_thread(self._adapters.read, adapter)
+        except Exception as exc:
+            raise GenerationError(f"could not load adapter {adapter.adapter_id}: {exc}") from exc
+        copy_seconds = await self._on_worker(lambda: self._adapters.load(adapter, weights))
+        return time.perf_counter() - started if copy_seconds else 0.0
 
     async def unload_adapter(self, adapter_id: str) -> bool:
         """Drop a resident adapter (after its running requests finish); returns whether it was resident."""
@@ -183,7 +232,7 @@ class TorchEngine(Engine):
 
         The request is queued on the first iteration, which raises ``OverloadedError`` when
         ``max_queue`` requests are already waiting or running. Closing the stream early (a
-        client that went away) drops the sequence from the worker.
+        client that went away) drops the sequence from the worker at the next token boundary.
         """
         sequence = self._enqueue(request)
         try:
@@ -196,6 +245,8 @@ class TorchEngine(Engine):
                     return
         finally:
             sequence.cancel()
+            with self._cond:
+                self._cond.notify()  # a sequence waiting for its adapter is dropped without waiting for it
 
     def _enqueue(self, request: GenerationRequest) -> _Sequence:
         self.check_length(request)
@@ -215,30 +266,44 @@ class TorchEngine(Engine):
                 raise GenerationError("the engine is not running")
             if self._depth >= self._max_queue:
                 raise OverloadedError(f"the request queue is full ({self._max_queue}); retry later")
-            self._waiting.append(sequence)
+            self._waiting.push(sequence.adapter_id, sequence)
             self._depth += 1
             self._cond.notify()
         return sequence
 
     # -- generation: worker side -----------------------------------------------------------
 
+    def _admitted(self) -> int:
+        return len(self._loading) + len(self._prefilling) + len(self._batch)
+
+    def _has_work(self) -> bool:
+        return bool(
+            self._commands
+            or self._prefilling
+            or self._batch
+            or any(s.cancelled or s.loading.done() for s in self._loading)
+            or (self._waiting and self._admitted() < self._max_active)
+        )
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._running and not (self._commands or self._waiting or self._active):
+                while self._running and not self._has_work():
                     self._cond.wait()
                 if not self._running:
                     break
                 commands = list(self._commands)
                 self._commands.clear()
-                while self._waiting and len(self._active) < self._max_active:
-                    self._active.append(self._waiting.popleft())
+                admitted = []
+                while self._waiting and self._admitted() + len(admitted) < self._max_active:
+                    admitted.append(self._waiting.pop())
             for command, future in commands:
                 self._run_command(command, future)
-            for sequence in list(self._active):
-                if not self._running:
-                    break
-                self._step(sequence)
+            for sequence in admitted:
+                self._admit(sequence)
+            self._finish_loads()
+            self._prefill_step()
+            self._decode_step()
         self._abandon_all()
 
     @staticmethod
@@ -251,68 +316,159 @@ class TorchEngine(Engine):
             log.exception("adapter command failed")
             future.set_exception(GenerationError(f"adapter operation failed: {exc}"))
 
-    def _step(self, sequence: _Sequence) -> None:
-        """Produce one token for ``sequence`` (its first one comes from the prefill)."""
+    def _admit(self, sequence: _Sequence) -> None:
+        """Start a sequence: pin its adapter (reading it off the worker when it is not in a slot)."""
+        sequence.admitted_at = time.perf_counter()
+        adapter = sequence.request.adapter
+        if adapter is not None and adapter.adapter_id not in self._adapters:
+            sequence.loading = self._loader.submit(self._adapters.read, adapter)
+            sequence.loading.add_done_callback(lambda _: self._wake())
+            self._loading.append(sequence)
+            return
+        self._start_prefill(sequence, None)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _finish_loads(self) -> None:
+        for sequence in [s for s in self._loading if s.cancelled or s.loading.done()]:
+            self._loading.remove(sequence)
+            if sequence.cancelled:
+                self._retire(sequence)
+                continue
+            try:
+                weights = sequence.loading.result()
+            except Exception as exc:
+                self._fail(sequence, GenerationError(f"could not load adapter {sequence.adapter_id}: {exc}"))
+                continue
+            self._start_prefill(sequence, weights)
+
+    def _start_prefill(self, sequence: _Sequence, weights: AdapterWeights | None) -> None:
         if sequence.cancelled:
             self._retire(sequence)
             return
-        try:
-            logits = self._prefill(sequence) if sequence.cache is None else self._decode_step(sequence)
-            self._emit(sequence, logits)
-        except ServingError as exc:
-            sequence.send(exc)
-            self._retire(sequence)
-        except Exception as exc:
-            log.exception("generation failed")
-            sequence.send(GenerationError(f"generation failed: {exc}"))
-            self._retire(sequence)
-
-    def _prefill(self, sequence: _Sequence) -> torch.Tensor:
-        sequence.admitted_at = time.perf_counter()
         adapter = sequence.request.adapter
         if adapter is not None:
             try:
-                self._adapters.acquire(adapter)
+                self._adapters.acquire(adapter, weights)
             except Exception as exc:
-                raise GenerationError(f"could not load adapter {adapter.adapter_id}: {exc}") from exc
+                self._fail(sequence, GenerationError(f"could not load adapter {adapter.adapter_id}: {exc}"))
+                return
             sequence.holds_adapter = True
+        sequence.cache = self._cache.new_row_cache()
         params = sequence.request.params
-        prompt_ids = sequence.request.prompt_ids
-        sequence.cache = DynamicCache(config=self._config)
-        # logits for the last position only, as HF generate computes them, unless all are wanted
-        logits = self._forward(sequence, prompt_ids, logits_to_keep=0 if params.prefill_logprobs else 1)
-        if params.prefill_logprobs:
-            sequence.prefill = self._prefill_tokens(prompt_ids, logits)
         if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
-            sequence.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self._device)
-            sequence.seen[prompt_ids] = True
-        return logits[-1]
+            vocabulary = self._adapters.model.config.vocab_size
+            sequence.seen = torch.zeros(vocabulary, dtype=torch.bool, device=self._device)
+            sequence.seen[sequence.request.prompt_ids] = True
+        self._prefilling.append(sequence)
 
-    def _decode_step(self, sequence: _Sequence) -> torch.Tensor:
-        return self._forward(sequence, sequence.stream.ids[-1:], logits_to_keep=1)[-1]
+    def _prefill_step(self) -> None:
+        """Prefill up to ``prefill_chunk`` prompt tokens of the newcomers, oldest first."""
+        budget = self._prefill_chunk
+        for sequence in list(self._prefilling):
+            if budget <= 0:
+                break
+            if sequence.cancelled:
+                self._retire(sequence)
+                continue
+            prompt_ids = sequence.request.prompt_ids
+            start = sequence.length
+            chunk = prompt_ids[start : start + budget]
+            budget -= len(chunk)
+            try:
+                logits = self._prefill_chunk_forward(sequence, chunk)
+                if start + len(chunk) < len(prompt_ids):
+                    continue
+                self._prefilling.remove(sequence)
+                if sequence.request.params.prefill_logprobs:
+                    sequence.prefill = self.text.prefill_tokens(prompt_ids, sequence.prefill_scores)
+                self._emit(sequence, logits[-1])
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._fail(sequence, exc if isinstance(exc, ServingError) else GenerationError(f"generation failed: {exc}"))
+                continue
+            if not sequence.done:
+                self._cache.add(sequence.cache)
+                sequence.cache = None
+                self._batch.append(sequence)
 
-    def _forward(self, sequence: _Sequence, new_ids: list[int], logits_to_keep: int) -> torch.Tensor:
-        """Run ``new_ids`` through the model on top of the sequence's cache; logits ``[n, vocab]``."""
-        past = sequence.cache.get_seq_length()
-        positions = torch.arange(past, past + len(new_ids), device=self._device)
+    def _prefill_chunk_forward(self, sequence: _Sequence, chunk: list[int]) -> torch.Tensor:
+        """Run one prompt chunk on the sequence's own cache; its logits ``[n or 1, vocab]``."""
+        start = sequence.length
+        all_logits = sequence.request.params.prefill_logprobs
+        positions = torch.arange(start, start + len(chunk), device=self._device)
+        self._adapters.bind([sequence.adapter_id])
         with torch.inference_mode():
             output = self._adapters.model(
-                input_ids=torch.tensor([new_ids], device=self._device),
-                attention_mask=torch.ones(1, past + len(new_ids), dtype=torch.long, device=self._device),
+                input_ids=torch.tensor([chunk], device=self._device),
+                attention_mask=torch.ones(1, start + len(chunk), dtype=torch.long, device=self._device),
                 position_ids=positions.unsqueeze(0),
                 cache_position=positions,
                 past_key_values=sequence.cache,
                 use_cache=True,
-                logits_to_keep=logits_to_keep,
-                **self._adapters.forward_kwargs([sequence.adapter_id]),
+                # logits for the last position only, as HF generate computes them, unless all are wanted
+                logits_to_keep=0 if all_logits else 1,
             )
-        return output.logits[0].float()
+        sequence.length += len(chunk)
+        logits = output.logits[0].float()
+        if all_logits:
+            sequence.prefill_scores.extend(self._prompt_scores(sequence.request.prompt_ids, start, logits))
+        return logits
 
-    def _prefill_tokens(self, prompt_ids: list[int], logits: torch.Tensor) -> list[PrefillToken]:
-        log_probs = torch.log_softmax(logits[:-1], dim=-1)
-        targets = torch.tensor(prompt_ids[1:], device=log_probs.device)
-        scores = [None] + log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()
-        return self.text.prefill_tokens(prompt_ids, scores)
+    @staticmethod
+    def _prompt_scores(prompt_ids: list[int], start: int, logits: torch.Tensor) -> list[float | None]:
+        """Log-probabilities of prompt tokens ``start .. start + n - 1`` (None for the first one)."""
+        targets = prompt_ids[start + 1 : start + 1 + logits.shape[0]]
+        log_probs = torch.log_softmax(logits[: len(targets)], dim=-1)
+        scores = log_probs.gather(-1, torch.tensor(targets, device=logits.device).unsqueeze(-1)).squeeze(-1).tolist()
+        return ([None] if start == 0 else []) + scores
+
+    def _decode_step(self) -> None:
+        """One token for every sequence in the batch, in one forward."""
+        self._drop_finished()
+        batch = list(self._batch)
+        if not batch:
+            return
+        mask = self._cache.grow()
+        columns = mask.shape[1]
+        self._adapters.bind([s.adapter_id for s in batch])
+        try:
+            with torch.inference_mode():
+                output = self._adapters.model(
+                    input_ids=torch.tensor([[s.stream.ids[-1]] for s in batch], device=self._device),
+                    attention_mask=mask,
+                    position_ids=torch.tensor([[s.length] for s in batch], device=self._device),
+                    cache_position=torch.arange(columns - 1, columns, device=self._device),
+                    past_key_values=self._cache.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        except Exception as exc:
+            log.exception("decode failed")
+            for sequence in batch:
+                self._fail(sequence, GenerationError(f"generation failed: {exc}"))
+            self._drop_finished()
+            return
+        logits = output.logits[:, -1].float()
+        for row, sequence in enumerate(batch):
+            sequence.length += 1
+            try:
+                self._emit(sequence, logits[row])
+            except Exception as exc:
+                log.exception("sampling failed")
+                self._fail(sequence, GenerationError(f"generation failed: {exc}"))
+        self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        """Take retired and cancelled sequences out of the batch and free their cache rows."""
+        for sequence in self._batch:
+            if sequence.cancelled and not sequence.done:
+                self._retire(sequence)
+        if any(s.done for s in self._batch):
+            self._cache.keep([row for row, s in enumerate(self._batch) if not s.done])
+            self._batch = [s for s in self._batch if not s.done]
 
     def _emit(self, sequence: _Sequence, logits: torch.Tensor) -> None:
         """Choose the next token, stream it, and finish the sequence when a stop condition holds."""
@@ -339,10 +495,17 @@ class TorchEngine(Engine):
             sequence.send(result)
             self._retire(sequence)
 
+    def _fail(self, sequence: _Sequence, error: ServingError) -> None:
+        sequence.send(error)
+        self._retire(sequence)
+
     def _retire(self, sequence: _Sequence) -> None:
-        """Forget a finished, failed or cancelled sequence and unpin its adapter."""
-        if sequence in self._active:
-            self._active.remove(sequence)
+        """Forget a finished, failed or cancelled sequence and unpin its adapter (its batch row goes next step)."""
+        if sequence.done:
+            return
+        sequence.done = True
+        if sequence in self._prefilling:
+            self._prefilling.remove(sequence)
         if sequence.holds_adapter:
             sequence.holds_adapter = False
             self._adapters.release(sequence.adapter_id)
@@ -352,13 +515,14 @@ class TorchEngine(Engine):
 
     def _abandon_all(self) -> None:
         with self._cond:
-            waiting = list(self._waiting)
-            self._waiting.clear()
+            waiting = self._waiting.clear()
             commands = list(self._commands)
             self._commands.clear()
-        for sequence in waiting + self._active:
-            sequence.send(IncompleteGenerationError("the engine stopped before the generation finished"))
-            self._retire(sequence)
+        for sequence in waiting + self._loading + self._prefilling + self._batch:
+            if not sequence.done:
+                self._fail(sequence, IncompleteGenerationError("the engine stopped before the generation finished"))
+        self._loading, self._prefilling, self._batch = [], [], []
+        self._cache.keep([])
         for _, future in commands:
             if future.set_running_or_notify_cancel():
                 future.set_exception(IncompleteGenerationError("the engine stopped"))

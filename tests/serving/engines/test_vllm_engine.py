@@ -130,7 +130,7 @@ def served(vllm_venv, real_base_dir, adapters, tmp_path_factory):
     command = [
         sys.executable, "-m", "stillhouse", "serve", "--engine", "vllm", "--base", str(real_base_dir),
         "--registry", str(registry_dir), "--port", str(port), "--admin-token", ADMIN, "--max-queue", "16",
-        "--max-total-tokens", "2048",
+        "--max-total-tokens", "2048", "--dtype", "float32",
     ]  # fmt: skip
     with open(log_path, "wb") as log_file:
         parent = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[3])
