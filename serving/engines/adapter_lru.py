@@ -1,6 +1,6 @@
 """Which LoRA adapters an engine holds, least recently used first, and which requests pin them.
 
-Bookkeeping only: the engine loads and drops adapters itself (peft modules in-process, HTTP
+Bookkeeping only: the engine loads and drops adapters itself (slots of batched LoRA layers in-process, HTTP
 calls to vLLM), and every method that frees room returns the ids the engine must drop now.
 An adapter a request uses is never evicted: when all resident adapters are in use, the engine
 goes over capacity until one is released. An unload asked for while requests use an adapter
