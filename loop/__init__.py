@@ -8,7 +8,8 @@
    trained in a servable shape and registered; teacher and student are scored on held-out gold rows;
 4. A/B test: the student joins the route as a candidate and ``abtest watch`` ramps it while more
    traffic and feedback flow;
-5. verdict: the analysis, its HTML report and the Grafana dashboards, and a summary.
+5. verdict: the watch's last analysis again with its history, the HTML report, the Grafana
+   dashboards, and a summary.
 
 ``plan`` holds the sizes (``--quick``: the tiny model, minutes; full: gemma-3-270m), ``users``
 the simulated clients, ``recipe`` the stages, ``summary`` what is printed at the end.

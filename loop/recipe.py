@@ -66,6 +66,7 @@ class DemoResult:
     ab_traffic: list[Sent] = field(default_factory=list)
     arms: dict[str, dict] = field(default_factory=dict)  # from the router's request log, the A/B window
     decisions: list[Decision] = field(default_factory=list)
+    analysed: tuple[tuple[float, float], traffic.TrafficConfig] | None = None  # the last look's window and split
     analysis: Analysis | None = None
     report: Path | None = None
     dashboards: list[Path] = field(default_factory=list)
@@ -106,7 +107,7 @@ def run(plan: DemoPlan, state_dir: Path, say: Say) -> DemoResult:
         finally:
             users.close()
         with _stage("verdict", result, say, stack):
-            _verdict(result, source, traffic_path, say)
+            _verdict(result, source, say)
     finally:
         stack.stop()
         signal.signal(signal.SIGTERM, previous)
@@ -153,8 +154,11 @@ def _ab_test(result: DemoResult, users: SimulatedUsers, source, traffic_path: Pa
         while sender.is_alive() and not decision.final:
             sender.join(plan.look_interval_s)
             _look(source)
+            served = traffic.load(traffic_path)  # the split this look analyses (the decision may change it)
             decision = watch.look()
             result.decisions.append(decision)
+            if decision.window is not None:
+                result.analysed = (decision.window, served)
             say(_decision_line(decision))
     finally:
         stop.set()
@@ -164,12 +168,12 @@ def _ab_test(result: DemoResult, users: SimulatedUsers, source, traffic_path: Pa
     say(_traffic_line(sent))
 
 
-def _verdict(result: DemoResult, source, traffic_path: Path, say: Say) -> None:
-    """The analysis of the last step both arms served, its HTML report, and the dashboards."""
+def _verdict(result: DemoResult, source, say: Say) -> None:
+    """The watch's last analysed step again (with its history), its HTML report, and the dashboards."""
     _look(source)
-    window = result.decisions and _last_compared_window(result)
-    config = traffic.load(traffic_path)
-    start, end = window or (time.time() - 60, time.time())
+    if result.analysed is None:
+        raise RuntimeError("the watch never analysed a step: no traffic reached both arms within the A/B stage")
+    (start, end), config = result.analysed
     result.analysis, history = analyze_route(config, ROUTE, source, start, end, STUDENT, points=20)
     result.report = write_html(result.state_dir / "report.html", result.analysis, history, config.routes[ROUTE].weights())
     result.dashboards = dashboards.build(result.state_dir / "dashboards")
@@ -247,14 +251,6 @@ def _quantile(ordered: list[float], q: float) -> float | None:
     if not ordered:
         return None
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def _last_compared_window(result: DemoResult) -> tuple[float, float] | None:
-    """The window the watch last analysed with both arms live (a 100% step has no control left)."""
-    for decision in reversed(result.decisions):
-        if decision.window is not None:
-            return decision.window
-    return None
 
 
 def _metrics_source(stack: Stack, router_url: str, state_dir: Path):

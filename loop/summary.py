@@ -86,7 +86,7 @@ def format_text(result: DemoResult) -> str:
         lines.append(f"   watch: {decision['action']}{times} → student at {decision['weight']:g}% — {'; '.join(decision['reasons'])}")
     if data["verdict"]:
         srm, primary = data["srm"], data["primary"]
-        lines += ["", f"5. analysis of the last step both arms served (metrics from {data['metrics_source']}):",
+        lines += ["", f"5. the watch's last analysis, of the step it last looked at (metrics from {data['metrics_source']}):",
                   f"   SRM check: {srm['status']} (p = {_number(srm['p_value'], 4)}, observed {srm['observed']})",
                   f"   primary `{primary['metric']}`: {TEACHER} {_number(primary['control'], 3)}, {STUDENT} {_number(primary['candidate'], 3)}, "
                   f"difference {_number(primary['estimate'], 3)} CI {_interval(primary['ci'])}, always-valid p = {_number(primary['always_valid_p_value'], 4)}",

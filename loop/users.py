@@ -28,6 +28,7 @@ from training.task import Task
 FEEDBACK_METRIC = "correct"
 #: room for a label under ``guided_choice``: spelled without a leading space it can take several tokens
 CHOICE_MAX_TOKENS = 8
+_SCRAMBLE = 7919  # an odd prime: index -> user is a permutation of each block of `users` requests (users even)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class SimulatedUsers:
     """``users`` users sending the task's generated reviews to ``route`` on the router at ``router_url``."""
 
     def __init__(self, router_url: str, task: Task, route: str, users: int, seed: int = 0):
+        if users % 2:
+            raise ValueError(f"users must be even (half use each client), not {users}")
         self.router_url = router_url.rstrip("/")
         self.task = task
         self.route = route
@@ -76,7 +79,7 @@ class SimulatedUsers:
             index, review = item
             if (until is not None and time.time() >= until) or (stop is not None and stop.is_set()):
                 return None
-            sent = self._ask(f"user-{index % self.users}", review)
+            sent = self._ask(self.user_of(index), review)
             progress.update()
             return sent
 
@@ -84,6 +87,13 @@ class SimulatedUsers:
             results = [sent for sent in pool.map(one, enumerate(reviews, start=self._sent)) if sent is not None]
         progress.close()
         return results
+
+    def user_of(self, index: int) -> str:
+        """Who sends request ``index``: the users take turns in a scrambled order, so the requests of one
+        look come from many different users (the SRM check counts requests, which is sound only while
+        users seldom repeat within a window). An odd multiplier keeps a request's parity, so clients
+        alternate exactly."""
+        return f"user-{index * _SCRAMBLE % self.users}"
 
     def _reviews(self, n: int) -> list[dict]:
         """The next ``n`` reviews of one endless generated stream (train vocabulary; the gold set is held out)."""
