@@ -163,11 +163,11 @@ def _adapters_rm(args: argparse.Namespace) -> int:
 # --- serve --------------------------------------------------------------------------------
 
 
-def _add_server_flags(parser: argparse.ArgumentParser, default_port: int | None) -> None:
+def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default="gemma-3-270m", help="gemma-3-270m (default), tiny, or a local HF model directory")
     _add_registry_flag(parser)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=default_port, help=f"default: {default_port or 'a free port'}")
+    parser.add_argument("--port", type=int, default=8080)
     parser.add_argument(
         "--engine", choices=["torch", "vllm"], default="torch",
         help="inference engine: torch (default, in-process) or vllm (a vLLM server from .venv-vllm, our child)",
@@ -195,7 +195,7 @@ def _add_server_flags(parser: argparse.ArgumentParser, default_port: int | None)
 
 def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="serve the base model and registry adapters (LoRAX + OpenAI APIs)")
-    _add_server_flags(serve, default_port=8080)
+    _add_server_flags(serve)
     add_request_log_flag(serve, "records every exchange (the training data source)")
     serve.add_argument(
         "--max-body-bytes", type=_positive_int, default=None,
