@@ -27,7 +27,7 @@ class DemoPlan:
 # The ramp's first step must collect min_samples_per_arm candidate requests before the guardrails can hold.
 FULL = DemoPlan(
     base="gemma-3-270m", users=2000, teacher_requests=600, concurrency=16, train_steps=120, gold_rows=300,
-    ab_requests=1500, ab_seconds=360, look_interval_s=15, ramp_steps=(25, 50, 100), min_minutes_per_step=0.5,
+    ab_requests=1500, ab_seconds=300, look_interval_s=15, ramp_steps=(25, 50, 100), min_minutes_per_step=0.5,
     min_samples_per_arm=50, scrape_interval_s=2,
 )
 
