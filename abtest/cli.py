@@ -137,9 +137,7 @@ def _source(args: argparse.Namespace):
 
 
 def _look(source) -> None:
-    from monitoring.snapshots import ScrapingSource
-
-    if isinstance(source, ScrapingSource) and (problem := source.look()) is not None:
+    if (problem := source.look()) is not None:
         print(f"warning: {problem}; analysing the snapshots already taken", file=sys.stderr)
 
 

@@ -153,7 +153,7 @@ def _ab_test(result: DemoResult, users: SimulatedUsers, source, traffic_path: Pa
     try:
         while sender.is_alive() and not decision.final:
             sender.join(plan.look_interval_s)
-            _look(source)
+            source.look()
             served = traffic.load(traffic_path)  # the split this look analyses (the decision may change it)
             decision = watch.look()
             result.decisions.append(decision)
@@ -170,7 +170,7 @@ def _ab_test(result: DemoResult, users: SimulatedUsers, source, traffic_path: Pa
 
 def _verdict(result: DemoResult, source, say: Say) -> None:
     """The watch's last analysed step again (with its history), its HTML report, and the dashboards."""
-    _look(source)
+    source.look()
     if result.analysed is None:
         raise RuntimeError("the watch never analysed a step: no traffic reached both arms within the A/B stage")
     (start, end), config = result.analysed
@@ -258,11 +258,6 @@ def _metrics_source(stack: Stack, router_url: str, state_dir: Path):
     if any(child.name == "prometheus" for child in stack.children):
         return PrometheusSource(Prometheus(f"http://{LOOPBACK}:{stack.settings.prometheus_port}"))
     return ScrapingSource(f"{router_url}/metrics", state_dir / "snapshots.jsonl")
-
-
-def _look(source) -> None:
-    if isinstance(source, ScrapingSource):
-        source.look()
 
 
 def _fresh(state_dir: Path) -> None:

@@ -86,6 +86,10 @@ class PrometheusSource:
     def __init__(self, client: Prometheus):
         self.client = client
 
+    def look(self) -> str | None:
+        """Nothing to do before a read: Prometheus scrapes on its own (``ScrapingSource.look`` scrapes)."""
+        return None
+
     def read(self, spec: MetricSpec, start: float, end: float, series: str | None = None, **matchers: str) -> QueryResult:
         """The series' points at ``start``, every step after it, and at ``end`` itself.
 
