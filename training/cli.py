@@ -108,7 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--url", required=True, help="endpoint URL (LoRAX root, or OpenAI .../v1)")
     evaluate.add_argument("--protocol", choices=["lorax", "openai"], default="lorax")
     evaluate.add_argument("--adapter", default=None, help="adapter id to evaluate (default: the run's registered adapter)")
-    evaluate.add_argument("--with-teacher", action="store_true", help="also score the teacher prompt on the base model of --url")
+    evaluate.add_argument("--with-teacher", action="store_true", help="also score the teacher as it labels: the run's teacher endpoint (else the base of --url) and teacher variant")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N test rows")
     evaluate.add_argument("--concurrency", type=int, default=4)
     evaluate.add_argument("--judge-url", default=None, help="LLM judge endpoint for the task's judge criterion (LoRAX root, or OpenAI .../v1)")

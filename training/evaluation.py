@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from training import judge as judging
-from training.endpoint import Endpoint, EndpointError, bounded_map
+from training.endpoint import Completion, Endpoint, EndpointError, bounded_map
 from training.row import Row
 from training.task import Task
 
@@ -180,7 +180,7 @@ def judge_scores(task: Task, rows: list[Row], references: Sequence[str], outputs
 def evaluate(
     task: Task, rows: list[Row], endpoint: Endpoint, prompt: Literal["student", "teacher"] = "student", judge: Endpoint | None = None
 ) -> EvalReport:
-    """Ask ``endpoint`` for every row (``prompt`` picks the template) and score against each row's gold
+    """Ask ``endpoint`` for every row (``prompt`` picks the task's template) and score against each row's gold
     (or, when a row has none, the teacher's output); with ``judge``, also the task's judge criterion."""
     render = task.student_prompt if prompt == "student" else task.teacher_prompt
 
@@ -190,7 +190,14 @@ def evaluate(
         except EndpointError:
             return None
 
-    completions = list(bounded_map(ask, rows, endpoint.config.concurrency))
+    return report(task, rows, endpoint.identity, prompt, list(bounded_map(ask, rows, endpoint.config.concurrency)), judge)
+
+
+def report(
+    task: Task, rows: list[Row], identity: str, prompt: str, completions: Sequence[Completion | None], judge: Endpoint | None = None
+) -> EvalReport:
+    """Score ``completions`` (one per row, None where the request failed) against each row's gold
+    (or, when a row has none, the teacher's output); with ``judge``, also the task's judge criterion."""
     references = [row.gold or row.output for row in rows]
     outputs = [completion.text if completion else None for completion in completions]
     answered = [completion for completion in completions if completion]
@@ -206,7 +213,7 @@ def evaluate(
             prediction["judge_score"] = value
         metrics.append(mean_interval("judge", [value for value in scores if value is not None]))
     return EvalReport(
-        endpoint=endpoint.identity,
+        endpoint=identity,
         prompt=prompt,
         metrics=metrics,
         rows=len(rows),

@@ -24,9 +24,10 @@ from serving import base_models
 from serving.registry import AdapterEntry, Registry, default_registry_dir
 from training import consistency, corrections, curation, dataset, distributed, lora, shots, trainer
 from training.config import ConfigError, EndpointConfig, RunConfig
-from training.endpoint import Endpoint
-from training.evaluation import EvalReport, evaluate, report_markdown
-from training.labelling import LabellingReport, label
+from training.endpoint import Completion, Endpoint
+from training.evaluation import EvalReport, evaluate, report, report_markdown
+from training.labelling import LabellingReport, label, teacher_name
+from training.labelling import ask as ask_teacher
 from training.row import Row
 from training.task import Task, load_task
 
@@ -176,15 +177,15 @@ def evaluate_run(
     config: RunConfig, task: Task, student: EndpointConfig, teacher: EndpointConfig | None, say: Say, limit: int | None = None,
     judge: EndpointConfig | None = None,
 ) -> list[EvalReport]:
-    """Score the student (student prompt) and optionally the teacher (teacher prompt) on the run's test split;
-    with ``judge``, each also on the task's judge criterion."""
+    """Score the student (student prompt) and optionally the teacher (asked as the run's teacher variant, as
+    labelling asks it) on the run's test split; with ``judge``, each also on the task's judge criterion."""
     if judge is not None and task.judge is None:
         raise ConfigError(f"task {task.name!r} has no judge criterion; add judge: {{prompt: ..., scale: [1, 5]}} to the task file, or leave out --judge-url")
     rows = dataset.read_rows(_data_dir(config) / "test.jsonl")[:limit]
     judge_endpoint = Endpoint(judge) if judge is not None else None
     reports = [evaluate(task, rows, Endpoint(student), "student", judge_endpoint)]
     if teacher is not None:
-        reports.append(evaluate(task, rows, Endpoint(teacher), "teacher", judge_endpoint))
+        reports.append(_evaluate_teacher(config, task, rows, Endpoint(teacher), judge_endpoint))
     eval_dir = config.run_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     for report in reports:
@@ -194,6 +195,18 @@ def evaluate_run(
     say(markdown)
     _record_metrics(config, reports[0])
     return reports
+
+
+def _evaluate_teacher(config: RunConfig, task: Task, rows: list[Row], teacher: Endpoint, judge: Endpoint | None) -> EvalReport:
+    """The teacher scored as it labels: the task's teacher prompt, or the applied teacher variant (through the labelling cache)."""
+    variant = config.teacher_variant
+    if not variant.changes():
+        return evaluate(task, rows, teacher, "teacher", judge)
+    data_dir = _data_dir(config)
+    pool = shots.pool_for(variant, task, dataset.read_rows(data_dir / "rows.jsonl"), config.data)
+    answers, _, _ = ask_teacher(rows, task, teacher, data_dir / "teacher_cache.jsonl", variant, pool)
+    completions = [None if answer.text is None else Completion(answer.text, answer.prompt_tokens, answer.latency_s or 0.0) for answer in answers]
+    return report(task, rows, teacher_name(teacher, variant), "teacher", completions, judge)
 
 
 def _record_metrics(config: RunConfig, report: EvalReport) -> None:

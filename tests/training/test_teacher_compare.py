@@ -111,6 +111,15 @@ def test_compare_marks_the_constrained_variant_and_apply_feeds_labelling(stand_i
     card = json.loads((tmp_path / "runs" / "tc" / "data" / "card.json").read_text())
     assert "teacher variant constrained" in card["teacher"]  # the registry lineage records the card's teacher
 
+    # `stillhouse eval --with-teacher` scores the teacher as it labelled: the applied variant, from the labelling cache
+    asked = teacher.requests
+    assert stillhouse.main(["eval", "--name", "tc", "--url", teacher_url, "--protocol", protocol, "--with-teacher"]) == 0
+    tested = len((tmp_path / "runs" / "tc" / "data" / "test.jsonl").read_text().splitlines())
+    assert teacher.requests == asked + tested  # the student's prompts only
+    scored = json.loads((tmp_path / "runs" / "tc" / "eval" / "teacher.json").read_text())
+    assert scored["endpoint"].endswith("(teacher variant constrained)")
+    assert {m["name"]: m for m in scored["metrics"]}["accuracy"]["value"] == 1
+
 
 def server_requests(url: str) -> float:
     """Finished requests the server counted (every adapter and outcome)."""
