@@ -28,11 +28,13 @@ def cache_key(*parts) -> str:
 
 def ask_all(jobs: list[Job], cache_path: Path, concurrency: int) -> tuple[list[dict], int]:
     """Every job's entry, in order, from the cache or by asking (at most ``concurrency`` at once);
-    and how many came from the cache."""
+    and how many were not asked anew. Jobs sharing a key are asked once and share its answer, so a
+    sampled answer reads the same on a re-run."""
     cache = read(cache_path)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
-    cached = sum(1 for key, _ in jobs if key in cache)
+    unique = list({key: (key, ask) for key, ask in jobs}.values())
+    cached = len(jobs) - sum(1 for key, _ in unique if key not in cache)  # answers not asked anew
     with cache_path.open("a") as sink:
         if cache_path.stat().st_size and not cache_path.read_bytes().endswith(b"\n"):
             sink.write("\n")
@@ -50,8 +52,8 @@ def ask_all(jobs: list[Job], cache_path: Path, concurrency: int) -> tuple[list[d
                 sink.flush()
             return entry
 
-        answers = list(bounded_map(answer, jobs, concurrency))
-    return answers, cached
+        answers = dict(zip((key for key, _ in unique), bounded_map(answer, unique, concurrency)))
+    return [answers[key] for key, _ in jobs], cached
 
 
 def read(path: Path) -> dict[str, dict]:
