@@ -353,30 +353,20 @@ def build_service(settings: ServeSettings) -> Service:
         import torch
 
         dtype = getattr(torch, resolve_dtype(settings.dtype))
+        shared = {"max_queue": settings.max_queue, "max_total_tokens": settings.max_total_tokens, "dtype": dtype, "threads": settings.threads}
         if settings.engine == "peft":
             from serving.engines.peft_engine import PeftEngine
 
-            engine = PeftEngine(
-                base_dir,
-                model_name,
-                max_queue=settings.max_queue,
-                max_active_adapters=settings.max_active_adapters,
-                max_total_tokens=settings.max_total_tokens,
-                dtype=dtype,
-                threads=settings.threads,
-            )
+            engine = PeftEngine(base_dir, model_name, max_active_adapters=settings.max_active_adapters, **shared)
         else:
             from serving.engines.torch_engine import TorchEngine
 
             engine = TorchEngine(
                 base_dir,
                 model_name,
-                max_queue=settings.max_queue,
                 max_resident_adapters=settings.max_active_adapters,
                 max_cpu_adapters=settings.max_cpu_adapters,
-                max_total_tokens=settings.max_total_tokens,
-                dtype=dtype,
-                threads=settings.threads,
+                **shared,
             )
     return Service(engine=engine, registry=registry, base_dir=base_dir, settings=settings.server)
 

@@ -15,6 +15,7 @@ from serving.registry import Registry
 from serving.server import create_app
 from serving.service import ServerSettings, ServeSettings, build_service
 from tests.lora_factory import make_lora_adapter
+from tests.serving.engines.test_torch_engine import collect, wait_until
 from tests.serving.server_harness import serving_in_thread
 
 PROMPTS = [
@@ -26,24 +27,6 @@ PROMPTS = [
 ADAPTERS = ("alpha", "beta", "gamma")
 # every row of one concurrent wave: base and three adapters, prompts and lengths mixed
 MIXED = [(PROMPTS[i % len(PROMPTS)], [None, *ADAPTERS][i % 4], 6 + i) for i in range(10)]
-
-
-async def collect(engine, prompt_ids, params, adapter=None):
-    tokens, result = [], None
-    async for event in engine.generate(GenerationRequest(prompt_ids, params, adapter)):
-        if isinstance(event, TokenEvent):
-            tokens.append(event.token)
-        else:
-            result = event
-    return tokens, result
-
-
-async def wait_until(condition, timeout_s: float = 30.0) -> None:
-    for _ in range(int(timeout_s / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 @pytest.fixture(scope="module")
