@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from serving.engines import ENGINES
 from serving.engines.precision import DTYPES
 
 if TYPE_CHECKING:
@@ -169,8 +170,9 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument(
-        "--engine", choices=["torch", "vllm"], default="torch",
-        help="inference engine: torch (default, in-process) or vllm (a vLLM server from .venv-vllm, our child)",
+        "--engine", choices=ENGINES, default="torch",
+        help="inference engine: torch (default, in-process), vllm (a vLLM server from .venv-vllm, our child), "
+        "or peft (a baseline for benchmarks: HF generate with peft's mixed-adapter batches)",
     )  # fmt: skip
     parser.add_argument("--engine-url", default=None, help="with --engine vllm: attach to this running vLLM server instead of launching one")
     parser.add_argument("--profile", default="strict", help="servability profile adapters must pass: strict (default), lorax, vllm")
@@ -180,17 +182,32 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         help="bearer token for /admin/* and /v1/(un)load_lora_adapter (default: $STILLHOUSE_ADMIN_TOKEN; unset disables them)",
     )
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting or running before 429 overloaded")
-    parser.add_argument("--max-resident-adapters", type=int, default=8, help="adapters applied in batches at once (LRU)")
+    parser.add_argument(
+        "--max-active-adapters", type=_positive_int, default=8,
+        help="adapter slots: adapters applied in the same batch at once (least recently used are evicted)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-resident-adapters", type=_positive_int, dest="max_active_adapters", action=_Deprecated, default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+    )  # fmt: skip
     parser.add_argument(
         "--max-cpu-adapters", type=int, default=64, help="torch engine: adapters kept in CPU memory for a fast reload (LRU)"
     )
     parser.add_argument(
         "--dtype", choices=DTYPES, default="auto",
-        help="compute dtype of either engine: auto (default: bfloat16 where the hardware computes it natively, else float32)",
+        help="compute dtype of every engine: auto (default: bfloat16 where the hardware computes it natively, else float32)",
     )  # fmt: skip
-    parser.add_argument("--threads", type=int, default=None, help="torch engine: compute threads (default: the cores it may use)")
+    parser.add_argument("--threads", type=int, default=None, help="torch and peft engines: compute threads (default: the cores they may use)")
     parser.add_argument("--default-max-new-tokens", type=int, default=256, help="used when a request leaves max_new_tokens unset")
     parser.add_argument("--max-total-tokens", type=int, default=None, help="prompt + new tokens limit (default: the model's, at most 8192)")
+
+
+class _Deprecated(argparse.Action):
+    """An old flag name that still works, with a warning naming the new one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{option_string} is deprecated; use --{self.dest.replace('_', '-')}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _register_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -259,7 +276,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         engine=args.engine,
         engine_url=args.engine_url,
         max_queue=args.max_queue,
-        max_resident_adapters=args.max_resident_adapters,
+        max_active_adapters=args.max_active_adapters,
         max_cpu_adapters=args.max_cpu_adapters,
         max_total_tokens=args.max_total_tokens,
         dtype=args.dtype,

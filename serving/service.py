@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from monitoring.catalog import BASE_ADAPTER_LABEL, UNKNOWN_ADAPTER_LABEL
 from monitoring.metrics import ServerMetrics
 from serving import servability
+from serving.engines import ENGINES, EngineName
 from serving.engines.base import AdapterRef, Engine, Event, GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 from serving.engines.constraint import Constraint, ConstraintSpec, Grammars
 from serving.engines.model_text import text_config
@@ -54,10 +55,10 @@ class ServeSettings:
 
     base: str = "gemma-3-270m"  # a known base name or a local HF model directory
     registry: Path | None = None  # default: $STILLHOUSE_HOME/registry
-    engine: Literal["torch", "vllm"] = "torch"
+    engine: EngineName = "torch"
     engine_url: str | None = None  # vllm: attach to this running server instead of launching one
     max_queue: int = 64  # requests waiting or running before 429 overloaded
-    max_resident_adapters: int = 8  # adapters applied in batches at once (slots), LRU
+    max_active_adapters: int = 8  # adapters applied in batches at once (slots), LRU
     max_cpu_adapters: int = 64  # torch: adapters kept in CPU memory for a fast reload, LRU
     max_total_tokens: int | None = None  # default: the model's, at most 8192
     dtype: DtypeName = "auto"  # auto (bfloat16 where the hardware computes it natively), float32 or bfloat16
@@ -65,8 +66,8 @@ class ServeSettings:
     server: ServerSettings = field(default_factory=ServerSettings)
 
     def __post_init__(self):
-        if self.engine not in ("torch", "vllm"):
-            raise ValueError(f"engine {self.engine!r} is not one of torch, vllm")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.engine_url and self.engine != "vllm":
@@ -351,18 +352,22 @@ def build_service(settings: ServeSettings) -> Service:
     else:
         import torch
 
-        from serving.engines.torch_engine import TorchEngine
+        dtype = getattr(torch, resolve_dtype(settings.dtype))
+        shared = {"max_queue": settings.max_queue, "max_total_tokens": settings.max_total_tokens, "dtype": dtype, "threads": settings.threads}
+        if settings.engine == "peft":
+            from serving.engines.peft_engine import PeftEngine
 
-        engine = TorchEngine(
-            base_dir,
-            model_name,
-            max_queue=settings.max_queue,
-            max_resident_adapters=settings.max_resident_adapters,
-            max_cpu_adapters=settings.max_cpu_adapters,
-            max_total_tokens=settings.max_total_tokens,
-            dtype=getattr(torch, resolve_dtype(settings.dtype)),
-            threads=settings.threads,
-        )
+            engine = PeftEngine(base_dir, model_name, max_active_adapters=settings.max_active_adapters, **shared)
+        else:
+            from serving.engines.torch_engine import TorchEngine
+
+            engine = TorchEngine(
+                base_dir,
+                model_name,
+                max_resident_adapters=settings.max_active_adapters,
+                max_cpu_adapters=settings.max_cpu_adapters,
+                **shared,
+            )
     return Service(engine=engine, registry=registry, base_dir=base_dir, settings=settings.server)
 
 
@@ -377,7 +382,7 @@ def _vllm_engine(settings: ServeSettings, base_dir: Path, model_name: str, regis
         model_name,
         url=settings.engine_url,
         max_queue=settings.max_queue,
-        max_resident_adapters=settings.max_resident_adapters,
+        max_resident_adapters=settings.max_active_adapters,
         max_total_tokens=settings.max_total_tokens,
         max_lora_rank=max_lora_rank_for(ranks, servability.get_profile(settings.server.profile).ranks),
         dtype=resolve_dtype(settings.dtype),

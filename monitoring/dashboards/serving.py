@@ -27,7 +27,7 @@ DASHBOARD = Dashboard(
         Panel("Queue depth", "Requests waiting or running in the engine (429 above --max-queue).", "short", (
             Query(promql.instant(catalog.SERVER_QUEUE_DEPTH, aggregation="max"), "queue", (), instant=True),
         ), kind="stat", width=8, height=4),
-        Panel("Resident adapters", "Adapters loaded in the engine (LRU beyond --max-resident-adapters).", "short", (
+        Panel("Resident adapters", "Adapters loaded in the engine (LRU beyond --max-active-adapters).", "short", (
             Query(promql.instant(catalog.SERVER_RESIDENT_ADAPTERS, aggregation="max"), "resident", (), instant=True),
         ), kind="stat", width=8, height=4),
         Panel("Requests per adapter", "Successful requests per second by adapter (canonical id; __base__ is the base model).", "reqps", (

@@ -21,7 +21,7 @@ def check_vllm_behind_server(vllm: dict[str, str], serve: dict[str, str], env: d
     assert int(vllm["max-lora-rank"]) == max_lora_rank_for([max(ranks)], ranks) == max(ranks) in VLLM_LORA_RANKS
     assert "enable-lora" in vllm and env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert int(vllm["max-cpu-loras"]) >= int(vllm["max-loras"])
-    assert vllm["max-cpu-loras"] == serve["max-resident-adapters"]
+    assert vllm["max-cpu-loras"] == serve["max-active-adapters"]
     assert vllm["max-num-seqs"] == serve["max-queue"] and vllm["max-model-len"] == serve["max-total-tokens"]
     assert vllm["served-model-name"] == serve["base"] and vllm["model"].endswith("/models/" + serve["base"])
     assert serve["engine"] == "vllm" and serve["engine-url"].endswith(":" + vllm["port"])

@@ -26,6 +26,15 @@ def test_serve_flags_become_settings(tmp_path):
     assert serve_settings(args) == ServeSettings(base="tiny", registry=tmp_path, max_queue=3, server=server)
 
 
+def test_the_active_adapters_flag_and_its_deprecated_name(capsys):
+    parser = stillhouse.build_parser()
+    assert serve_settings(parser.parse_args(["serve"])).max_active_adapters == ServeSettings().max_active_adapters == 8
+    assert serve_settings(parser.parse_args(["serve", "--max-active-adapters", "32"])).max_active_adapters == 32
+    assert capsys.readouterr().err == ""
+    assert serve_settings(parser.parse_args(["serve", "--max-resident-adapters", "3"])).max_active_adapters == 3
+    assert "--max-resident-adapters is deprecated; use --max-active-adapters" in capsys.readouterr().err
+
+
 def test_the_body_limit_flag(tmp_path):
     parser = stillhouse.build_parser()
     assert serve_settings(parser.parse_args(["serve", "--max-body-bytes", "2048"])).server.max_body_bytes == 2048
