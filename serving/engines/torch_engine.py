@@ -27,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
+from serving.engines import packed_linear
 from serving.engines.adapter_weights import AdapterWeights
 from serving.engines.base import (
     AdapterRef,
@@ -162,6 +163,9 @@ class TorchEngine(Engine):
         log.info("torch engine: %s, %d threads", self._dtype, self._threads)
         model = await asyncio.to_thread(self._load_model)
         self._adapters = ResidentAdapters(model, self._max_resident_adapters, self._max_cpu_adapters)
+        if packed_linear.supported(self._dtype, self._device):
+            layers = await asyncio.to_thread(packed_linear.pack, model)
+            log.info("torch engine: %d linear layers prepacked for oneDNN", layers)
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
         with self._cond:
             self._running = True
