@@ -6,7 +6,9 @@ one chunk of prompt prefill for newcomers, and then ONE decode forward for every
 sequence together, whatever adapter each uses (``lora_layers``). A newcomer is prefilled on
 its own cache, a chunk per step so a long prompt never stalls the running streams, and then
 joins the batch cache (``batch_cache``); a finished or cancelled sequence leaves it at the next
-token boundary. The event loop only enqueues requests; events come back through
+token boundary. The decode step's plain greedy rows share one argmax over the batch's logits
+(``sampling.choose_greedy``), and in bfloat16 on CPU the linear layers run on prepacked
+weights (``packed_linear``). The event loop only enqueues requests; events come back through
 ``call_soon_threadsafe`` into one ``asyncio.Queue`` per request.
 """
 
