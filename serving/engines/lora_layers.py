@@ -48,16 +48,17 @@ class BatchedLoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.rows = rows
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.device = base.weight.device  # kept: ``base`` may be swapped for a prepacked layer without one
         self.lora_a: torch.Tensor | None = None  # [slots, rank, in]
         self.lora_b: torch.Tensor | None = None  # [slots, out, rank]
         self.scaling: torch.Tensor | None = None  # [slots]
 
     def resize(self, slots: int, rank: int) -> None:
         """Make room for ``slots`` adapters of rank up to ``rank``, keeping what is loaded."""
-        device = self.base.weight.device
-        a = torch.zeros(slots, rank, self.base.in_features, dtype=LORA_DTYPE, device=device)
-        b = torch.zeros(slots, self.base.out_features, rank, dtype=LORA_DTYPE, device=device)
-        scaling = torch.zeros(slots, dtype=LORA_DTYPE, device=device)
+        a = torch.zeros(slots, rank, self.in_features, dtype=LORA_DTYPE, device=self.device)
+        b = torch.zeros(slots, self.out_features, rank, dtype=LORA_DTYPE, device=self.device)
+        scaling = torch.zeros(slots, dtype=LORA_DTYPE, device=self.device)
         if self.lora_a is not None:
             old_slots, old_rank = self.lora_a.shape[:2]
             a[:old_slots, :old_rank] = self.lora_a

@@ -2,7 +2,9 @@
 
 Each processor takes the logits of one sequence (shape ``[vocab]``) and returns new logits;
 removed tokens get ``-inf``. Randomness comes only from the ``torch.Generator`` passed to
-``choose_token``, so a seed reproduces a sampled sequence exactly.
+``choose_token``, so a seed reproduces a sampled sequence exactly. Rows that need no
+processor at all (plain greedy) are chosen together by ``choose_greedy``: one argmax and one
+log-softmax over the whole batch instead of a pass over the vocabulary per row.
 """
 
 from __future__ import annotations
@@ -81,6 +83,24 @@ def process(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | N
     if params.typical_p is not None and params.typical_p < 1.0:
         logits = filter_typical(logits, params.typical_p)
     return logits
+
+
+def is_plain_greedy(params: SamplingParams) -> bool:
+    """Whether the next token is the bare argmax: no sampling, no repetition penalty, no alternatives."""
+    penalty = params.repetition_penalty is not None and params.repetition_penalty != 1.0
+    return not params.sampling and not penalty and not params.alternatives
+
+
+def choose_greedy(logits: torch.Tensor) -> tuple[list[int], list[float]]:
+    """The argmax token of every row of ``logits [rows, vocab]`` and its log-probability, in one pass.
+
+    Row for row the same ids and values as ``choose_token`` on plain greedy parameters: argmax
+    and log-softmax reduce each row on its own, whatever the number of rows.
+    """
+    logits = logits.float()
+    tokens = torch.argmax(logits, dim=-1)
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return tokens.tolist(), log_probs.tolist()
 
 
 def choose_token(

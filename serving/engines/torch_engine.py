@@ -6,7 +6,9 @@ one chunk of prompt prefill for newcomers, and then ONE decode forward for every
 sequence together, whatever adapter each uses (``lora_layers``). A newcomer is prefilled on
 its own cache, a chunk per step so a long prompt never stalls the running streams, and then
 joins the batch cache (``batch_cache``); a finished or cancelled sequence leaves it at the next
-token boundary. The event loop only enqueues requests; events come back through
+token boundary. The decode step's plain greedy rows share one argmax over the batch's logits
+(``sampling.choose_greedy``), and in bfloat16 on CPU the linear layers run on prepacked
+weights (``packed_linear``). The event loop only enqueues requests; events come back through
 ``call_soon_threadsafe`` into one ``asyncio.Queue`` per request.
 """
 
@@ -27,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 
+from serving.engines import packed_linear
 from serving.engines.adapter_weights import AdapterWeights
 from serving.engines.base import (
     AdapterRef,
@@ -44,7 +47,7 @@ from serving.engines.constraint import TokenMatcher
 from serving.engines.fair_queue import FairQueue
 from serving.engines.model_text import ModelText, text_config
 from serving.engines.resident_adapters import ResidentAdapters
-from serving.engines.sampling import choose_token_with_alternatives
+from serving.engines.sampling import choose_greedy, choose_token_with_alternatives, is_plain_greedy
 from serving.engines.token_stream import TokenStream
 from serving.errors import GenerationError, IncompleteGenerationError, OverloadedError, ServingError
 
@@ -162,6 +165,9 @@ class TorchEngine(Engine):
         log.info("torch engine: %s, %d threads", self._dtype, self._threads)
         model = await asyncio.to_thread(self._load_model)
         self._adapters = ResidentAdapters(model, self._max_resident_adapters, self._max_cpu_adapters)
+        if packed_linear.supported(self._dtype, self._device):
+            layers = await asyncio.to_thread(packed_linear.pack, model)
+            log.info("torch engine: %d linear layers prepacked for oneDNN", layers)
         self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
         with self._cond:
             self._running = True
@@ -384,7 +390,7 @@ class TorchEngine(Engine):
                 self._prefilling.remove(sequence)
                 if sequence.request.params.prefill_logprobs:
                     sequence.prefill = self.text.prefill_tokens(prompt_ids, sequence.prefill_scores)
-                self._emit(sequence, logits[-1])
+                self._emit([sequence], logits[-1:])
             except Exception as exc:
                 log.exception("prefill failed")
                 self._fail(sequence, exc if isinstance(exc, ServingError) else GenerationError(f"generation failed: {exc}"))
@@ -451,14 +457,15 @@ class TorchEngine(Engine):
                 self._fail(sequence, GenerationError(f"generation failed: {exc}"))
             self._drop_finished()
             return
-        logits = output.logits[:, -1].float()
-        for row, sequence in enumerate(batch):
+        for sequence in batch:
             sequence.length += 1
-            try:
-                self._emit(sequence, logits[row])
-            except Exception as exc:
-                log.exception("sampling failed")
-                self._fail(sequence, GenerationError(f"generation failed: {exc}"))
+        try:
+            self._emit(batch, output.logits[:, -1])
+        except Exception as exc:
+            log.exception("sampling failed")
+            for sequence in batch:
+                if not sequence.done:
+                    self._fail(sequence, GenerationError(f"generation failed: {exc}"))
         self._drop_finished()
 
     def _drop_finished(self) -> None:
@@ -470,9 +477,31 @@ class TorchEngine(Engine):
             self._cache.keep([row for row, s in enumerate(self._batch) if not s.done])
             self._batch = [s for s in self._batch if not s.done]
 
-    def _emit(self, sequence: _Sequence, logits: torch.Tensor) -> None:
-        """Choose the next token, stream it, and finish the sequence when a stop condition holds."""
+    def _emit(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
+        """Choose each sequence's next token from its row of ``logits [rows, vocab]`` and stream it.
+
+        Plain greedy rows are chosen together in one pass over the vocabulary; the others one
+        by one through their processors, grammar and generator.
+        """
+        chosen: dict[int, tuple[int, float, list[tuple[int, float]]]] = {}
+        greedy = [row for row, s in enumerate(sequences) if s.matcher is None and is_plain_greedy(s.request.params)]
+        if greedy:
+            rows = logits if len(greedy) == len(sequences) else logits[greedy]
+            for row, token_id, logprob in zip(greedy, *choose_greedy(rows)):
+                chosen[row] = token_id, logprob, []
+        for row, sequence in enumerate(sequences):
+            try:
+                token_id, logprob, ranked = chosen[row] if row in chosen else self._choose(sequence, logits[row])
+                self._push(sequence, token_id, logprob, ranked)
+            except Exception as exc:
+                log.exception("sampling failed")
+                self._fail(sequence, GenerationError(f"generation failed: {exc}"))
+
+    @staticmethod
+    def _choose(sequence: _Sequence, logits: torch.Tensor) -> tuple[int, float, list[tuple[int, float]]]:
+        """One sequence's next token through its processors and grammar (``logits`` is its row)."""
         params = sequence.request.params
+        logits = logits.float()
         if sequence.matcher is not None:
             sequence.matcher.mask(logits)
         token_id, logprob, ranked = choose_token_with_alternatives(
@@ -480,6 +509,11 @@ class TorchEngine(Engine):
         )
         if sequence.matcher is not None:
             sequence.matcher.accept(token_id)
+        return token_id, logprob, ranked
+
+    def _push(self, sequence: _Sequence, token_id: int, logprob: float, ranked: list[tuple[int, float]]) -> None:
+        """Stream a chosen token, and finish the sequence when a stop condition holds."""
+        params = sequence.request.params
         if sequence.seen is not None:
             sequence.seen[token_id] = True
         alternatives = self.text.alternatives(ranked) if params.alternatives is not None else None

@@ -470,6 +470,21 @@ def test_choose_token_greedy_and_sampled():
     assert logprob == pytest.approx(float(torch.log_softmax(torch.tensor([4.0, 3.0]), -1)[0 if token == 1 else 1]))
 
 
+def test_choose_greedy_equals_choose_token_row_by_row():
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0)) * 3
+    logits[2, 20] = logits[2, 10] = logits[2].max() + 1  # a tie: the first index wins, as in argmax
+    tokens, logprobs = sampling.choose_greedy(logits)
+    assert list(zip(tokens, logprobs)) == [sampling.choose_token(row, SamplingParams(), None, None) for row in logits]
+    assert tokens[2] == 10
+
+
+def test_plain_greedy_is_argmax_without_processors_or_alternatives():
+    assert sampling.is_plain_greedy(SamplingParams())
+    assert sampling.is_plain_greedy(SamplingParams(alternatives=0, repetition_penalty=1.0, temperature=0))
+    for params in (SamplingParams(do_sample=True), SamplingParams(repetition_penalty=1.2), SamplingParams(alternatives=2)):
+        assert not sampling.is_plain_greedy(params)
+
+
 # --- the real base model ------------------------------------------------------------------
 
 
