@@ -129,7 +129,7 @@ def curate(config: RunConfig, task: Task, say: Say) -> dict:
 
 
 def train(config: RunConfig, say: Say, on_step: Callable[[int], None] | None = None) -> tuple[trainer.TrainResult, AdapterEntry | None]:
-    """Train on the curated training split (building and curating it first when absent) and register the adapter.
+    """Train on the curated training split (building, labelling and curating what is absent first) and register the adapter.
 
     Launched data-parallel, only rank 0 builds the data and registers; the other ranks return no entry.
     """
@@ -141,7 +141,8 @@ def train(config: RunConfig, say: Say, on_step: Callable[[int], None] | None = N
     data_dir = _data_dir(config)
     if distributed.is_main():
         if not (data_dir / "card.json").is_file():
-            build(config, task, say)
+            if not (data_dir / "rows.jsonl").is_file():  # rows built (and perhaps labelled) already are kept
+                build(config, task, say)
             if config.teacher is not None:
                 label_rows(config, task, config.teacher, say)
             prepare_curation(config, task, say)

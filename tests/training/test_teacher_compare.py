@@ -195,3 +195,17 @@ def test_a_variant_the_server_refuses_is_reported_with_its_error(tmp_path, monke
     report = json.loads((tmp_path / "runs" / "down" / "teacher" / "compare.json").read_text())
     assert all(v["failed"] == 4 and "ConnectionError" in v["first_error"] for v in report["variants"])
     assert "requests failed" in (tmp_path / "runs" / "down" / "teacher" / "compare.md").read_text()
+
+
+def test_train_keeps_rows_labelled_before_curation(stand_in, tmp_path, monkeypatch):
+    """`stillhouse label` then `stillhouse train`: the labelled rows are curated as they are, not rebuilt."""
+    teacher, url = stand_in
+    monkeypatch.chdir(tmp_path)
+    build_run("kept", train=24, test=8)
+    assert stillhouse.main(["label", "--name", "kept", "--teacher-url", url, "--teacher-protocol", "lorax"]) == 0
+    rows_file = tmp_path / "runs" / "kept" / "data" / "rows.jsonl"
+    labelled = rows_file.read_text()
+    asked = teacher.requests
+    assert stillhouse.main(["train", "--name", "kept", "--max-steps", "1", "--registry", str(tmp_path / "registry")]) == 0
+    assert rows_file.read_text() == labelled and teacher.requests == asked
+    assert (tmp_path / "runs" / "kept" / "data" / "train.jsonl").is_file()
