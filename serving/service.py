@@ -364,7 +364,7 @@ def build_service(settings: ServeSettings) -> Service:
             engine = TorchEngine(
                 base_dir,
                 model_name,
-                max_resident_adapters=settings.max_active_adapters,
+                max_active_adapters=settings.max_active_adapters,
                 max_cpu_adapters=settings.max_cpu_adapters,
                 **shared,
             )
@@ -382,7 +382,7 @@ def _vllm_engine(settings: ServeSettings, base_dir: Path, model_name: str, regis
         model_name,
         url=settings.engine_url,
         max_queue=settings.max_queue,
-        max_resident_adapters=settings.max_active_adapters,
+        max_active_adapters=settings.max_active_adapters,
         max_total_tokens=settings.max_total_tokens,
         max_lora_rank=max_lora_rank_for(ranks, servability.get_profile(settings.server.profile).ranks),
         dtype=resolve_dtype(settings.dtype),

@@ -106,7 +106,7 @@ class TorchEngine(Engine):
 
     ``max_queue`` bounds the requests waiting or running (beyond it ``generate`` raises
     ``OverloadedError``); ``max_active`` bounds how many of them decode at once, in one batch.
-    ``max_resident_adapters`` is the number of adapter slots of the batch; ``max_cpu_adapters``
+    ``max_active_adapters`` is the number of adapter slots of the batch; ``max_cpu_adapters``
     how many adapters read from disk stay in CPU memory for a fast reload.
     """
 
@@ -116,7 +116,7 @@ class TorchEngine(Engine):
         model_name: str,
         *,
         max_queue: int = 64,
-        max_resident_adapters: int = 8,
+        max_active_adapters: int = 8,
         max_cpu_adapters: int = 64,
         max_total_tokens: int | None = None,
         max_active: int = 16,
@@ -130,7 +130,7 @@ class TorchEngine(Engine):
         self._max_queue = max_queue
         self._max_active = max_active
         self._prefill_chunk = prefill_chunk
-        self._max_resident_adapters = max_resident_adapters
+        self._max_active_adapters = max_active_adapters
         self._max_cpu_adapters = max_cpu_adapters
         self._dtype = dtype
         self._device = torch.device(device)
@@ -164,7 +164,7 @@ class TorchEngine(Engine):
         torch.set_num_threads(self._threads)
         log.info("torch engine: %s, %d threads", self._dtype, self._threads)
         model = await asyncio.to_thread(self._load_model)
-        self._adapters = ResidentAdapters(model, self._max_resident_adapters, self._max_cpu_adapters)
+        self._adapters = ResidentAdapters(model, self._max_active_adapters, self._max_cpu_adapters)
         if packed_linear.supported(self._dtype, self._device):
             layers = await asyncio.to_thread(packed_linear.pack, model)
             log.info("torch engine: %d linear layers prepacked for oneDNN", layers)

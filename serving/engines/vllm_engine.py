@@ -52,7 +52,7 @@ class VllmEngine(Engine):
     """Generation by a vLLM OpenAI server, launched as our child or attached to with ``url``.
 
     Adapters are loaded into vLLM on demand through ``/v1/load_lora_adapter`` under their
-    canonical ids and unloaded, least recently used first, beyond ``max_resident_adapters``
+    canonical ids and unloaded, least recently used first, beyond ``max_active_adapters``
     (never while a request uses them).
     ``max_queue`` bounds the requests in flight (beyond it ``generate`` raises
     ``OverloadedError``). ``dtype`` float32 matches the torch engine bit for bit where the
@@ -67,7 +67,7 @@ class VllmEngine(Engine):
         url: str | None = None,
         venv: Path = DEFAULT_VENV,
         max_queue: int = 64,
-        max_resident_adapters: int = 8,
+        max_active_adapters: int = 8,
         max_loras: int = 4,
         max_lora_rank: int = MIN_MAX_LORA_RANK,
         max_total_tokens: int | None = None,
@@ -94,11 +94,11 @@ class VllmEngine(Engine):
                 cpu = not has_cuda()
             self.process = VllmProcess(
                 self._base_dir, model_name, venv=venv, dtype=dtype, max_model_len=self.max_total_tokens,
-                max_lora_rank=max_lora_rank, max_loras=max_loras, max_cpu_loras=max_resident_adapters,
+                max_lora_rank=max_lora_rank, max_loras=max_loras, max_cpu_loras=max_active_adapters,
                 max_num_seqs=max_queue, cpu=cpu, extra_args=STRUCTURED_OUTPUTS_ARGS,
             )  # fmt: skip
         self._served_name = model_name
-        self._adapters = AdapterLRU(max_resident_adapters)
+        self._adapters = AdapterLRU(max_active_adapters)
         # serialises loads and unloads, so vLLM and ``_adapters`` agree on what is resident
         self._adapter_lock: asyncio.Lock | None = None
         self._clients: dict[int, httpx.AsyncClient] = {}

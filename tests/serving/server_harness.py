@@ -19,10 +19,10 @@ def serving_in_thread(app, *, start_timeout_s: float = 60):
 
 
 @contextmanager
-def running_server(base_dir: Path, registry_dir: Path, *, model_name: str = "tiny", max_queue: int = 16, max_resident_adapters: int = 4,
+def running_server(base_dir: Path, registry_dir: Path, *, model_name: str = "tiny", max_queue: int = 16, max_active_adapters: int = 4,
                    max_total_tokens: int | None = None, **settings):
     """Start `create_app` under uvicorn in a thread; yield (base_url, service); stop it afterwards."""
-    engine = TorchEngine(base_dir, model_name, max_queue=max_queue, max_resident_adapters=max_resident_adapters,
+    engine = TorchEngine(base_dir, model_name, max_queue=max_queue, max_active_adapters=max_active_adapters,
                          max_total_tokens=max_total_tokens)
     service = Service(engine=engine, registry=Registry(registry_dir), base_dir=base_dir, settings=ServerSettings(**settings))
     with serving_in_thread(create_app(service)) as url:

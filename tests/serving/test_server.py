@@ -378,7 +378,7 @@ def test_per_adapter_metrics(server):
 
 def test_lru_evictions_are_counted_and_unloads_are_not(tiny_base_dir, adapters):
     registry_dir, _ = adapters
-    with running_server(tiny_base_dir, registry_dir, admin_token=ADMIN, max_resident_adapters=1) as (url, _):
+    with running_server(tiny_base_dir, registry_dir, admin_token=ADMIN, max_active_adapters=1) as (url, _):
         client = lorax.Client(url)
         client.generate("hello", adapter_id="alpha", max_new_tokens=2)
         client.generate("hello", adapter_id="beta", max_new_tokens=2)  # only one fits: alpha is evicted

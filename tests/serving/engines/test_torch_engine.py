@@ -313,7 +313,7 @@ def test_full_queue_overloads_and_closed_streams_are_dropped(tiny_base_dir):
 
 
 def test_lru_eviction_never_evicts_an_adapter_in_use(tiny_base_dir, adapters, references):
-    engine = small_engine(tiny_base_dir, max_resident_adapters=2)
+    engine = small_engine(tiny_base_dir, max_active_adapters=2)
     alpha, beta, gamma = adapters.values()
 
     async def scenario():

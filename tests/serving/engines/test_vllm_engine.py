@@ -275,7 +275,7 @@ def test_greedy_parity_with_the_torch_engine(served, adapters, real_base_dir):
 
     async def run():
         vllm = VllmEngine(real_base_dir, "unused", url=served["vllm_url"], max_lora_rank=16, max_queue=256)
-        torch_engine = TorchEngine(real_base_dir, "gemma-3-270m", max_queue=256, max_resident_adapters=4, max_active=16)
+        torch_engine = TorchEngine(real_base_dir, "gemma-3-270m", max_queue=256, max_active_adapters=4, max_active=16)
         await vllm.start()
         await torch_engine.start()
         try:
