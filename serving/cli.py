@@ -191,6 +191,10 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
         help=argparse.SUPPRESS,
     )  # fmt: skip
     parser.add_argument(
+        "--pin-adapter", action="append", default=[], metavar="ADAPTER_ID",
+        help="load this registry adapter at start-up and keep it in an active slot, never evicted (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-cpu-adapters", type=int, default=64, help="torch engine: adapters kept in CPU memory for a fast reload (LRU)"
     )
     parser.add_argument(
@@ -269,6 +273,7 @@ def serve_settings(args: argparse.Namespace) -> ServeSettings:
         default_max_new_tokens=args.default_max_new_tokens,
         request_log=args.request_log,
         max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+        pinned_adapters=tuple(args.pin_adapter),
     )
     return ServeSettings(
         base=args.base,
@@ -293,7 +298,12 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.server import create_app
     from serving.service import build_service
 
-    app = create_app(build_service(serve_settings(args)))
+    service = build_service(serve_settings(args))
+    problems = service.pin_problems()  # before the engine loads: a bad id fails in a moment
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 1
+    app = create_app(service)
     print(f"serving on http://{args.host}:{args.port} (LoRAX: POST /, /generate; OpenAI: /v1/...)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -106,6 +106,7 @@ def create_app(service: Service) -> FastAPI:
             hooks = RequestLogMetrics(service.metrics.registry).hooks("server")
             service.request_log = RequestLog.open(service.settings.request_log, **hooks)
         await service.engine.start()
+        await service.pin_adapters()
         service.metrics.set_info(type(service.engine).__name__, service.engine.model_name, service.settings.profile)
         app.state.ready = True
         try:

@@ -28,7 +28,7 @@ from serving.engines.base import AdapterRef, Engine, Event, GenerationRequest, G
 from serving.engines.constraint import Constraint, ConstraintSpec, Grammars
 from serving.engines.model_text import text_config
 from serving.engines.precision import DTYPES, DtypeName, resolve_dtype
-from serving.errors import AdapterNotServableError, GenerationError, IncompleteGenerationError, ServingError, ValidationError
+from serving.errors import AdapterNotServableError, ConflictError, GenerationError, IncompleteGenerationError, ServingError, ValidationError
 from serving.registry import Registry
 from serving.request_log import Exchange, RequestLog
 
@@ -47,6 +47,7 @@ class ServerSettings:
     max_input_length: int | None = None  # default: max_total_tokens - 1
     request_log: Path | str | None = None  # a SQLite file or a postgresql:// URL recording every exchange
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies are refused (413)
+    pinned_adapters: tuple[str, ...] = ()  # registry adapters loaded at start-up and never evicted
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class Service:
     _servable: set[str] = field(default_factory=set)
     _loading: asyncio.Lock = field(default_factory=asyncio.Lock)
     _resident: set[str] = field(default_factory=set)  # as last observed, to count evictions
+    _pinned: set[str] = field(default_factory=set)  # canonical ids of the pinned adapters
     _grammars: Grammars | None = None  # built on the first constrained request (a few seconds)
     _grammars_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -154,8 +156,37 @@ class Service:
             self.metrics.adapter_load.labels(adapter.adapter_id).observe(seconds)
         self.observe_residency()
 
+    def pin_problems(self) -> list[str]:
+        """Why a ``pinned_adapters`` id cannot be pinned (not in the registry, not servable, the base), each naming the flag."""
+        problems = []
+        for adapter_id in self.settings.pinned_adapters:
+            try:
+                if self.resolve(adapter_id) is None:
+                    problems.append(f"--pin-adapter {adapter_id}: that is the base model, which is always served; name a registry adapter")
+            except ServingError as error:
+                problems.append(f"--pin-adapter {adapter_id}: {error}")
+        return problems
+
+    async def pin_adapters(self) -> None:
+        """Load the ``pinned_adapters`` into active slots for the server's lifetime (at start-up)."""
+        problems = self.pin_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        for adapter_id in self.settings.pinned_adapters:
+            adapter = self.resolve(adapter_id)
+            try:
+                seconds = await self.engine.pin_adapter(adapter)
+            except GenerationError as error:
+                raise ValueError(f"--pin-adapter {adapter_id}: {error}") from error
+            self._pinned.add(adapter.adapter_id)
+            self.metrics.adapter_load.labels(adapter.adapter_id).observe(seconds)
+            log.info("pinned adapter %s", adapter.adapter_id)
+        self.observe_residency()
+
     async def unload(self, adapter_id: str) -> bool:
         canonical = self.registry.resolve(adapter_id).id
+        if canonical in self._pinned:
+            raise ConflictError(f"adapter {canonical} is pinned (--pin-adapter); restart the server without that flag to unload it")
         self.observe_residency()
         unloaded = await self.engine.unload_adapter(canonical)
         self.observe_residency(unloaded={canonical})

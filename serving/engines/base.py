@@ -212,6 +212,11 @@ class Engine(abc.ABC):
         """Make an adapter resident; returns the load time in seconds (0 if already resident)."""
 
     @abc.abstractmethod
+    async def pin_adapter(self, adapter: AdapterRef) -> float:
+        """Make an adapter resident and keep it in an active slot until the engine stops (never evicted);
+        returns the load time in seconds."""
+
+    @abc.abstractmethod
     async def unload_adapter(self, adapter_id: str) -> bool:
         """Drop a resident adapter; returns whether it was resident."""
 

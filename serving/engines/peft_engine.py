@@ -194,6 +194,12 @@ class PeftEngine(Engine):
         async with self._model_lock:
             return await self._load(adapter)
 
+    async def pin_adapter(self, adapter: AdapterRef) -> float:
+        async with self._model_lock:
+            seconds = await self._load(adapter)
+            self._adapters.pin(adapter.adapter_id)  # a request that never ends
+            return seconds
+
     async def _load(self, adapter: AdapterRef) -> float:
         if self._adapters.touch(adapter.adapter_id):
             return 0.0

@@ -169,6 +169,12 @@ class VllmEngine(Engine):
         async with self._lock():
             return await self._load(adapter)
 
+    async def pin_adapter(self, adapter: AdapterRef) -> float:
+        async with self._lock():
+            seconds = await self._load(adapter)
+            self._adapters.pin(adapter.adapter_id)  # a request that never ends
+            return seconds
+
     async def _load(self, adapter: AdapterRef) -> float:
         if self._adapters.touch(adapter.adapter_id):
             return 0.0

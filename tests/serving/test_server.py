@@ -15,7 +15,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from serving.engines.torch_engine import TorchEngine
 from serving.registry import Registry
+from serving.service import ServerSettings, Service
 from tests.lora_factory import make_lora_adapter
 from tests.serving.server_harness import running_server
 
@@ -374,6 +376,33 @@ def test_per_adapter_metrics(server):
     assert "stillhouse_server_queue_depth" in text and "stillhouse_server_resident_adapters" in text
     assert 'stillhouse_server_adapter_load_seconds_count{adapter="alpha@v1"}' in text
     assert "nope" not in text  # unknown ids never become label values
+
+
+def test_a_pinned_adapter_stays_in_its_slot_and_cannot_be_unloaded(tiny_base_dir, adapters):
+    registry_dir, _ = adapters
+    with running_server(tiny_base_dir, registry_dir, admin_token=ADMIN, max_active_adapters=1, pinned_adapters=("alpha",)) as (url, service):
+        assert service.engine.resident_adapters() == ["alpha@v1"]  # loaded at start-up
+        client = lorax.Client(url)
+        for _ in range(2):
+            client.generate("hello", adapter_id="beta", max_new_tokens=2)  # one slot: beta goes when idle, alpha stays
+        assert "alpha@v1" in service.engine.resident_adapters()
+        text = httpx.get(f"{url}/metrics").text
+        assert 'stillhouse_server_adapter_evictions_total{adapter="alpha@v1"} 0.0' in text
+        assert 'stillhouse_server_adapter_load_seconds_count{adapter="alpha@v1"} 1.0' in text  # the start-up load
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        refused = httpx.post(f"{url}/admin/adapters/unload", json={"adapter_id": "alpha"}, headers=auth)
+        assert refused.status_code == 409 and "--pin-adapter" in refused.json()["error"]
+        assert client.generate("hello", adapter_id="alpha", max_new_tokens=2).generated_text is not None
+
+
+def test_pinning_an_unknown_adapter_or_the_base_names_the_flag(tiny_base_dir, adapters):
+    registry_dir, _ = adapters
+    engine = TorchEngine(tiny_base_dir, "tiny")
+    service = Service(engine=engine, registry=Registry(registry_dir), base_dir=tiny_base_dir,
+                      settings=ServerSettings(pinned_adapters=("ghost", "tiny", "alpha")))
+    problems = service.pin_problems()
+    assert len(problems) == 2
+    assert problems[0].startswith("--pin-adapter ghost:") and "base model" in problems[1]
 
 
 def test_lru_evictions_are_counted_and_unloads_are_not(tiny_base_dir, adapters):
