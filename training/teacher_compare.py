@@ -319,7 +319,8 @@ def report_markdown(report: dict) -> str:
              "|---|---|" + "---|" * (len(task_metrics) + len(labels) + 5)]
     for result in report["variants"]:
         star = " ★" if result["name"] == report["best"] else ""
-        cells = [f"{result['name']}{star}", result["change"]]
+        on = f" (on {result['base']})" if result["base"] not in ("—", report["current"]) else ""
+        cells = [f"{result['name']}{star}", result["change"] + on]
         for name in task_metrics:
             m = _metric(result, name)
             cells.append(f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]")
@@ -413,7 +414,7 @@ def report_html(report: dict) -> str:
         for cells in body)
     notes = "".join("<p>" + _BOLD.sub(r"<b>\1</b>", html.escape(line)) + "</p>" for line in markdown[2:] if line and not line.startswith("|"))
     style = ("body{font-family:sans-serif;max-width:1300px;margin:2em auto}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}tr.best{background:#dafbe1}td.warn{background:#ffebe9;color:#cf222e}")
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}tr.best{background:#dafbe1}td.warn{background:#ffebe9;color:#cf222e}svg{max-width:100%;height:auto}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Teacher variants: {html.escape(report['task'])}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(markdown[0].lstrip('# '))}</h1>{notes}"
             "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + f"</tr>{rows_html}</table>"
