@@ -210,13 +210,9 @@ class TorchEngine(Engine):
         return time.perf_counter() - started if copy_seconds else 0.0
 
     async def pin_adapter(self, adapter: AdapterRef) -> float:
-        started = time.perf_counter()
-        try:
-            weights = await asyncio.to_thread(self._adapters.read, adapter)
-        except Exception as exc:
-            raise GenerationError(f"could not load adapter {adapter.adapter_id}: {exc}") from exc
-        await self._on_worker(lambda: self._adapters.acquire(adapter, weights))  # a request that never ends
-        return time.perf_counter() - started
+        seconds = await self.load_adapter(adapter)
+        await self._on_worker(lambda: self._adapters.acquire(adapter))  # resident now: a request that never ends
+        return seconds
 
     async def unload_adapter(self, adapter_id: str) -> bool:
         """Drop a resident adapter (after its running requests finish); returns whether it was resident."""
