@@ -94,7 +94,10 @@ class PrometheusSource:
         """The series' points at ``start``, every step after it, and at ``end`` itself.
 
         A range query's last point can fall up to one step before ``end``; the instant value at
-        ``end`` is added so the window counts everything scraped until then.
+        ``end`` is added so the window counts everything scraped until then. Prometheus stamps a
+        sample with the time its scrape started, so each edge is exact to one scrape's latency: a
+        scrape stamped just before ``start`` and answered after it counts its later requests
+        before the window.
         """
         query = promql.raw(spec, series, **matchers)
         result = self.client.range(query, start, end, max((end - start) / self.points_per_window, 1.0))

@@ -20,7 +20,7 @@ from monitoring.prometheus import PrometheusSource
 from monitoring.snapshots import SnapshotStore
 from tests.abtest.harness import running, running_router
 from tests.abtest.labeller_upstream import LABELS, Labeller
-from tests.monitoring.prometheus_harness import running_prometheus, wait_until_scraped
+from tests.monitoring.prometheus_harness import running_prometheus, wait_for_scrape_after, wait_until_scraped
 
 CLIENT = httpx.Client(timeout=10)
 ROUTED = 'sum(stillhouse_router_requests_total{route="sentiment"})'  # requests the router answered, as Prometheus last saw
@@ -90,6 +90,7 @@ def test_the_injected_effect_is_found_from_prometheus_and_from_snapshots(tmp_pat
             store = SnapshotStore(tmp_path / "snapshots.jsonl")
             start = time.time()
             store.scrape(f"{url}/metrics")
+            wait_for_scrape_after(prometheus, start)
             answered = send_traffic(url, 400, seed=0)
             wait_until_scraped(prometheus, ROUTED, 400)
             store.scrape(f"{url}/metrics")

@@ -49,6 +49,23 @@ def running_prometheus(tmp_path: Path, targets: list[str] | dict[str, list[str]]
         log.close()
 
 
+def wait_for_scrape_after(client: Prometheus, t: float, timeout_s: float = 30) -> None:
+    """Poll until every target has a scrape stamped after ``t`` (unix seconds).
+
+    Prometheus stamps a sample with the time its scrape started, so a scrape stamped just before
+    ``t`` can hold counts made after it. Scrapes of one target never overlap: once one stamped
+    after ``t`` is stored, every earlier one was answered, and traffic sent now counts after ``t``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = client.instant("min(timestamp(up))")
+        stamped = result.series[0].points[-1][1] if result.ok and result.series else None
+        if stamped is not None and stamped > t:
+            return
+        assert time.monotonic() < deadline, f"prometheus has no scrape stamped after {t:.3f} (last {stamped}) after {timeout_s:.0f} s"
+        time.sleep(0.1)
+
+
 def wait_until_scraped(client: Prometheus, query: str, expected: float, timeout_s: float = 30) -> None:
     """Poll until the instant ``query`` (one series) equals ``expected``: the last scrape saw everything sent."""
     deadline = time.monotonic() + timeout_s

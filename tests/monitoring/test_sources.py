@@ -16,7 +16,7 @@ from monitoring.prometheus import Prometheus, PrometheusSource
 from monitoring.series import Series, counter_increase, quantile_from_buckets, window_increase
 from monitoring.snapshots import SnapshotStore
 from serving.loopback import free_port
-from tests.monitoring.prometheus_harness import running_prometheus, wait_until_scraped
+from tests.monitoring.prometheus_harness import running_prometheus, wait_for_scrape_after, wait_until_scraped
 
 
 def test_counter_increase_handles_resets_and_series_born_in_the_window():
@@ -52,6 +52,7 @@ def test_prometheus_and_snapshots_give_the_same_counts_and_verdict(tmp_path):
         with running_prometheus(tmp_path, [f"127.0.0.1:{port}"]) as client:
             start = time.time()
             assert store.scrape(url) is None
+            wait_for_scrape_after(client, start)
             sent = {"teacher": 0, "student": 0}
             for _ in range(6):
                 for arm, rate in (("teacher", 0.5), ("student", 0.8)):
