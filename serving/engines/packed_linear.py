@@ -44,9 +44,13 @@ class PackedLinear(nn.Module):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), BATCH_HINT)
         self.bias = None if linear.bias is None else linear.bias.detach()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plus: torch.Tensor | None = None) -> torch.Tensor:
+        """``x Wᵀ + b``, and ``+ plus`` (the output's shape and dtype) added inside the kernel before it rounds."""
         flat = x.reshape(-1, self.in_features)
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        if plus is None:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        else:
+            out = torch.ops.mkldnn._linear_pointwise.binary(flat, plus.reshape(-1, self.out_features), self.packed, self.bias, "add")
         return out.reshape(*x.shape[:-1], self.out_features)
 
 

@@ -65,6 +65,7 @@ class ResidentAdapters:
         self._lru = AdapterLRU(capacity)
         self._cpu = CpuAdapters(max(cpu_capacity, 1))
         self._slot_of: dict[str, int] = {}
+        self._scaling: list[float] = []  # per slot
         self._free: list[int] = []
         self._slots = 0
         self._rank = 0
@@ -84,7 +85,7 @@ class ResidentAdapters:
 
     def bind(self, adapter_ids: list[str | None]) -> None:
         """Apply ``adapter_ids[i]`` (None: the base model) to batch row ``i`` of the next forward."""
-        self._rows.bind([self._slot_of[a] if a is not None else None for a in adapter_ids])
+        self._rows.bind([self._slot_of[a] if a is not None else None for a in adapter_ids], self._scaling)
 
     def load(self, adapter: AdapterRef, weights: AdapterWeights | None = None) -> float:
         """Give ``adapter`` a slot (most recently used); returns the load time, 0 if it had one.
@@ -99,7 +100,8 @@ class ResidentAdapters:
         self._drop(self._lru.make_room())
         slot = self._take_slot(weights.rank)
         for name, layer in self._layers.items():
-            layer.set_slot(slot, weights.modules.get(name), weights.scaling)
+            layer.set_slot(slot, weights.modules.get(name))
+        self._scaling[slot] = weights.scaling
         self._slot_of[adapter.adapter_id] = slot
         self._lru.add(adapter.adapter_id)
         seconds = time.perf_counter() - started
@@ -138,8 +140,11 @@ class ResidentAdapters:
             for layer in self._layers.values():
                 layer.resize(slots, self._rank)
             self._free.extend(range(self._slots, slots))
+            self._scaling.extend([0.0] * (slots - self._slots))
             self._slots = slots
-        return self._free.pop(0)
+        slot = min(self._free)  # the lowest: the slots in use stay one short span
+        self._free.remove(slot)
+        return slot
 
     def _drop(self, adapter_ids: list[str]) -> None:
         for adapter_id in adapter_ids:
