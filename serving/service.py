@@ -119,7 +119,7 @@ class Service:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     request_log: RequestLog | None = None
     _servable: set[str] = field(default_factory=set)
-    _loading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _loading: dict[str, asyncio.Lock] = field(default_factory=dict)  # one per adapter: different adapters load at once
     _resident: set[str] = field(default_factory=set)  # as last observed, to count evictions
     _pinned: set[str] = field(default_factory=set)  # canonical ids of the pinned adapters
     _grammars: Grammars | None = None  # built on the first constrained request (a few seconds)
@@ -144,10 +144,14 @@ class Service:
         return AdapterRef(adapter_id=entry.id, path=entry.path)
 
     async def ensure_resident(self, adapter: AdapterRef | None) -> None:
-        """Load an adapter before its first request, so the load time is measured on its own."""
+        """Load an adapter before its first request, so the load time is measured on its own.
+
+        Requests for one adapter wait for one load; loads of different adapters overlap, so the
+        torch engine copies all of a burst's newcomers into their slots at one token boundary.
+        """
         if adapter is None or adapter.adapter_id in self.engine.resident_adapters():
             return
-        async with self._loading:
+        async with self._loading.setdefault(adapter.adapter_id, asyncio.Lock()):
             try:
                 seconds = await self.engine.load_adapter(adapter)
             except GenerationError as error:

@@ -5,7 +5,7 @@ columns equals the distance between their positions: the causal and sliding-wind
 builds from ``cache_position`` stay right, and a 2-D padding mask hides each row's left padding.
 Sliding-window layers keep only the last ``window - 1`` columns (HF's
 ``DynamicSlidingWindowLayer``), full-attention layers every column. A row joins with the cache
-of its own prefill and leaves by index; leading columns no remaining row uses are cut, so a
+of its own prefill (or of its group's, left-padded) and leaves by index; leading columns no remaining row uses are cut, so a
 finished long prompt frees its memory at the next token boundary.
 """
 
@@ -34,24 +34,25 @@ class BatchCache:
         """The shared (padded) length every row's next token is appended after."""
         return self.mask.shape[1]
 
-    def new_row_cache(self) -> DynamicCache:
-        """An empty single-sequence cache to prefill a newcomer into, shaped like this one's layers."""
+    def new_prefill_cache(self) -> DynamicCache:
+        """An empty cache to prefill newcomers into (one or a group), shaped like this one's layers."""
         return DynamicCache(config=self._config)
 
-    def add(self, row: DynamicCache) -> None:
-        """Append a prefilled single-sequence cache as the last row."""
-        length = row.get_seq_length()
-        row_mask = torch.ones(1, length, dtype=torch.long, device=self._device)
+    def add(self, rows: DynamicCache, mask: torch.Tensor | None = None) -> None:
+        """Append prefilled sequences as the last rows; ``mask [rows, length]`` marks their left padding (0)."""
+        length = rows.get_seq_length()
+        if mask is None:
+            mask = torch.ones(rows.layers[0].keys.shape[0], length, dtype=torch.long, device=self._device)
         if self.cache is None:
-            self.cache, self.mask = row, row_mask
+            self.cache, self.mask = rows, mask
             return
         columns = max(self.columns, length)
         _pad_left(self.cache, columns)
-        _pad_left(row, columns)
-        for mine, theirs in zip(self.cache.layers, row.layers):
+        _pad_left(rows, columns)
+        for mine, theirs in zip(self.cache.layers, rows.layers):
             mine.keys = torch.cat([mine.keys, theirs.keys])
             mine.values = torch.cat([mine.values, theirs.values])
-        self.mask = torch.cat([_pad_mask(self.mask, columns), _pad_mask(row_mask, columns)])
+        self.mask = torch.cat([_pad_mask(self.mask, columns), _pad_mask(mask, columns)])
 
     def grow(self) -> torch.Tensor:
         """Extend the mask by one column for the token every row decodes next; returns the mask."""
@@ -65,9 +66,7 @@ class BatchCache:
             self.mask = self.mask[:0, :0]
             return
         index = torch.tensor(rows, device=self._device)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
+        take_rows(self.cache, index)
         self.mask = self.mask.index_select(0, index)
         unused = int(self.mask.cumsum(dim=1).eq(0).all(dim=0).sum())
         if unused:
@@ -84,6 +83,14 @@ class BatchCache:
                 kept = remaining
             layer.keys = layer.keys[:, :, layer.keys.shape[2] - kept :]
             layer.values = layer.values[:, :, layer.values.shape[2] - kept :]
+
+
+def take_rows(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
+    """Keep only the rows ``index`` of every layer of ``cache`` (in that order); returns it."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)
+        layer.values = layer.values.index_select(0, index)
+    return cache
 
 
 def _pad_left(cache: DynamicCache, columns: int) -> None:

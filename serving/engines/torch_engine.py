@@ -3,9 +3,10 @@
 One worker thread owns the model, so forwards never overlap and torch keeps every core. Each
 step it runs queued adapter commands, admits waiting requests (round-robin by adapter), runs
 one chunk of prompt prefill for newcomers, and then ONE decode forward for every running
-sequence together, whatever adapter each uses (``lora_layers``). A newcomer is prefilled on
-its own cache, a chunk per step so a long prompt never stalls the running streams, and then
-joins the batch cache (``batch_cache``); a finished or cancelled sequence leaves it at the next
+sequence together, whatever adapter each uses (``lora_layers``). Newcomers whose prompts fit
+the step's prefill budget are prefilled together, in one left-padded forward; a longer prompt
+is prefilled on its own cache, a chunk per step so it never stalls the running streams. Then
+they join the batch cache (``batch_cache``); a finished or cancelled sequence leaves it at the next
 token boundary. The decode step's plain greedy rows share one argmax over the batch's logits
 (``sampling.choose_greedy``), and in bfloat16 on CPU the linear layers run on prepacked
 weights (``packed_linear``). The event loop only enqueues requests; events come back through
@@ -42,7 +43,7 @@ from serving.engines.base import (
     max_total_tokens_for,
     resolve_seed,
 )
-from serving.engines.batch_cache import BatchCache
+from serving.engines.batch_cache import BatchCache, take_rows
 from serving.engines.constraint import TokenMatcher
 from serving.engines.fair_queue import FairQueue
 from serving.engines.model_text import ModelText, text_config
@@ -367,7 +368,7 @@ class TorchEngine(Engine):
                 self._fail(sequence, GenerationError(f"could not load adapter {adapter.adapter_id}: {exc}"))
                 return
             sequence.holds_adapter = True
-        sequence.cache = self._cache.new_row_cache()
+        sequence.cache = self._cache.new_prefill_cache()
         params = sequence.request.params
         if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
             vocabulary = self._adapters.model.config.vocab_size
@@ -376,34 +377,95 @@ class TorchEngine(Engine):
         self._prefilling.append(sequence)
 
     def _prefill_step(self) -> None:
-        """Prefill up to ``prefill_chunk`` prompt tokens of the newcomers, oldest first."""
+        """Prefill up to ``prefill_chunk`` prompt tokens of the newcomers, oldest first.
+
+        Newcomers whose whole prompt fits what is left of the budget are prefilled together, in
+        one left-padded forward that reads the weights once for all of them; a prompt longer than
+        that, or one that asks for every position's logits, gets a chunk on its own cache.
+        """
         budget = self._prefill_chunk
+        together, alone = [], []
         for sequence in list(self._prefilling):
             if budget <= 0:
                 break
             if sequence.cancelled:
                 self._retire(sequence)
                 continue
+            remaining = len(sequence.request.prompt_ids) - sequence.length
+            whole = sequence.length == 0 and remaining <= budget and not sequence.request.params.prefill_logprobs
+            (together if whole else alone).append((sequence, min(remaining, budget)))
+            budget -= min(remaining, budget)
+        if len(together) > 1:
+            self._prefill_together([sequence for sequence, _ in together])
+        else:
+            alone = together + alone
+        for sequence, size in alone:
             prompt_ids = sequence.request.prompt_ids
             start = sequence.length
-            chunk = prompt_ids[start : start + budget]
-            budget -= len(chunk)
+            chunk = prompt_ids[start : start + size]
             try:
                 logits = self._prefill_chunk_forward(sequence, chunk)
-                if start + len(chunk) < len(prompt_ids):
-                    continue
-                self._prefilling.remove(sequence)
-                if sequence.request.params.prefill_logprobs:
-                    sequence.prefill = self.text.prefill_tokens(prompt_ids, sequence.prefill_scores)
-                self._emit([sequence], logits[-1:])
             except Exception as exc:
-                log.exception("prefill failed")
-                self._fail(sequence, exc if isinstance(exc, ServingError) else GenerationError(f"generation failed: {exc}"))
+                self._prefill_failed([sequence], exc)
                 continue
+            if start + len(chunk) < len(prompt_ids):
+                continue
+            if sequence.request.params.prefill_logprobs:
+                sequence.prefill = self.text.prefill_tokens(prompt_ids, sequence.prefill_scores)
+            self._prefilled([sequence], logits[-1:], sequence.cache)
+
+    def _prefill_together(self, group: list[_Sequence]) -> None:
+        """Whole prompts of ``group`` in one forward, right-aligned on a shared cache as the batch cache keeps them."""
+        lengths = [len(s.request.prompt_ids) for s in group]
+        columns = max(lengths)
+        pad = self._config.pad_token_id or 0
+        input_ids = torch.tensor([[pad] * (columns - n) + s.request.prompt_ids for s, n in zip(group, lengths)], device=self._device)
+        mask = torch.tensor([[0] * (columns - n) + [1] * n for n in lengths], device=self._device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = self._cache.new_prefill_cache()
+        self._adapters.bind([s.adapter_id for s in group])
+        try:
+            with torch.inference_mode():
+                output = self._adapters.model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache_position=torch.arange(columns, device=self._device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        except Exception as exc:
+            self._prefill_failed(group, exc)
+            return
+        for sequence, n in zip(group, lengths):
+            sequence.length = n
+        self._prefilled(group, output.logits[:, -1].float(), cache, mask)
+
+    def _prefilled(self, group: list[_Sequence], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor | None = None) -> None:
+        """Stream each sequence's first token from its row of ``logits``; the unfinished join the batch with their cache rows."""
+        for sequence in group:
+            self._prefilling.remove(sequence)
+            sequence.cache = None
+        try:
+            self._emit(group, logits)
+        except Exception as exc:
+            self._prefill_failed(group, exc)
+            return
+        going = [row for row, s in enumerate(group) if not s.done]
+        if not going:
+            return
+        if len(going) < len(group):
+            index = torch.tensor(going, device=self._device)
+            cache, mask = take_rows(cache, index), None if mask is None else mask.index_select(0, index)
+        self._cache.add(cache, mask)
+        self._batch.extend(group[row] for row in going)
+
+    def _prefill_failed(self, group: list[_Sequence], exc: Exception) -> None:
+        log.exception("prefill failed")
+        for sequence in group:
             if not sequence.done:
-                self._cache.add(sequence.cache)
-                sequence.cache = None
-                self._batch.append(sequence)
+                self._fail(sequence, exc if isinstance(exc, ServingError) else GenerationError(f"generation failed: {exc}"))
 
     def _prefill_chunk_forward(self, sequence: _Sequence, chunk: list[int]) -> torch.Tensor:
         """Run one prompt chunk on the sequence's own cache; its logits ``[n or 1, vocab]``."""

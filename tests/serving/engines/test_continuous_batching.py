@@ -128,6 +128,31 @@ def test_mixed_adapter_batches_match_peft_one_at_a_time(windowed_base, adapters,
         assert result.generated_tokens == n
 
 
+def test_newcomers_of_one_step_are_prefilled_together(windowed_base, adapters, prompts, references):
+    """Every (adapter, prompt) at once: left-padded group prefills past the window, each row its own adapter."""
+    engine = started(windowed_base, max_active=24, prefill_chunk=256)
+    groups = []
+    prefill_together = engine._prefill_together
+
+    def spy(group):
+        groups.append([(s.adapter_id, len(s.request.prompt_ids)) for s in group])
+        prefill_together(group)
+
+    engine._prefill_together = spy
+    combos = [(adapter, i) for adapter in [None, *adapters] for i in range(len(prompts))]
+
+    async def all_at_once():
+        return await asyncio.gather(*(collect(engine, prompts[i], SamplingParams(max_new_tokens=MAX_NEW), adapter)
+                                      for adapter, i in combos))
+
+    results = run_then_stop(engine, all_at_once)
+    for (adapter, i), (tokens, _) in zip(combos, results):
+        assert tokens == references[adapter and adapter.adapter_id, i], (adapter, i)
+    largest = max(groups, key=len)
+    assert len({adapter for adapter, _ in largest}) >= 3 and len({n for _, n in largest}) >= 3, groups
+    assert max(n for _, n in largest) > WINDOW
+
+
 def test_one_at_a_time_equals_batched(windowed_base, adapters, prompts, references):
     engine = started(windowed_base, prefill_chunk=5)
     params = SamplingParams(max_new_tokens=MAX_NEW)
