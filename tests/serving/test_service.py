@@ -9,7 +9,7 @@ import pytest
 import stillhouse
 from monitoring.catalog import BASE_ADAPTER_LABEL, UNKNOWN_ADAPTER_LABEL
 from serving.cli import serve_settings
-from serving.engines.base import SamplingParams
+from serving.engines.base import AdapterRef, SamplingParams
 from serving.engines.torch_engine import TorchEngine
 from serving.errors import ValidationError
 from serving.protocol import lorax
@@ -97,3 +97,43 @@ def test_each_limit_is_refused_and_counted_once(service, kwargs, message, adapte
     with pytest.raises(ValidationError, match=message):
         asyncio.run(service.prepare(call(**kwargs)))
     assert refusals(service, adapter) == before + 1
+
+
+class _RecordingEngine:
+    """An engine whose loads take a while and record what was in flight at once."""
+
+    model_name = "tiny"
+
+    def __init__(self):
+        self.resident: list[str] = []
+        self.in_flight: set[str] = set()
+        self.most_in_flight = 0
+        self.loads: list[str] = []
+
+    def resident_adapters(self) -> list[str]:
+        return list(self.resident)
+
+    async def load_adapter(self, adapter) -> float:
+        if adapter.adapter_id in self.resident:
+            return 0.0
+        self.in_flight.add(adapter.adapter_id)
+        self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
+        await asyncio.sleep(0.05)
+        self.in_flight.discard(adapter.adapter_id)
+        self.loads.append(adapter.adapter_id)
+        self.resident.append(adapter.adapter_id)
+        return 0.05
+
+
+def test_different_adapters_load_at_once_and_one_adapter_loads_once(tiny_base_dir, tmp_path):
+    engine = _RecordingEngine()
+    service = Service(engine, Registry(tmp_path), tiny_base_dir, ServerSettings())
+    a, b = AdapterRef("a@v1", tmp_path / "a"), AdapterRef("b@v1", tmp_path / "b")
+
+    async def burst():
+        await asyncio.gather(*(service.ensure_resident(adapter) for adapter in (a, b, a, b, a)))
+
+    asyncio.run(burst())
+    assert engine.most_in_flight == 2
+    assert sorted(engine.loads) == ["a@v1", "b@v1"]
+    assert service.metrics.registry.get_sample_value("stillhouse_server_adapter_load_seconds_count", {"adapter": "a@v1"}) == 1
