@@ -7,6 +7,8 @@ not an exception that aborts a rollout (argo-rollouts#1466).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import httpx
@@ -41,12 +43,12 @@ class Prometheus:
 
     def instant(self, query: str, time: float | None = None) -> QueryResult:
         """``/api/v1/query`` at ``time`` (now by default): one point per series."""
-        params = {"query": query} | ({"time": f"{time:.3f}"} if time is not None else {})
+        params = {"query": query} | ({"time": api_time(time)} if time is not None else {})
         return self._get("/api/v1/query", params)
 
     def range(self, query: str, start: float, end: float, step: float) -> QueryResult:
         """``/api/v1/query_range`` from ``start`` to ``end`` every ``step`` seconds."""
-        params = {"query": query, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{max(step, 0.001):.3f}"}
+        params = {"query": query, "start": api_time(start), "end": api_time(end), "step": f"{max(step, 0.001):.3f}"}
         return self._get("/api/v1/query_range", params)
 
     def ready(self) -> bool:
@@ -69,6 +71,15 @@ class Prometheus:
         data = body.get("data", {})
         series = [_series(item) for item in data.get("result", [])] if data.get("resultType") in ("vector", "matrix") else []
         return QueryResult(OK if series else EMPTY, series)
+
+
+def api_time(t: float) -> str:
+    """Unix seconds as the API takes them, in milliseconds rounded down: no point lies after the time asked for.
+
+    (Rounded to the nearest, the point at a window's end could fall just past it and be cut.)
+    """
+    ms = math.floor(t * 1000)
+    return f"{ms // 1000}.{ms % 1000:03d}"
 
 
 def _series(item: dict) -> Series:

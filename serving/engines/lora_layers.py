@@ -6,13 +6,14 @@ matrix), ranks zero-padded to the largest loaded. Before a forward the engine bi
 to a slot or to none (``LoraRows.bind``), which sorts the rows into segments, once for all layers:
 the slots in use span ``lo .. hi``, and each slot of the span gets ``m`` positions, ``m`` the
 most rows any slot has. Each layer then gathers its input rows into ``[hi - lo, m, in]`` (a
-few kilobytes), multiplies them by the views ``A[lo:hi]`` and ``B[lo:hi]`` with two batched
-matmuls, and gathers each row's result back, times its adapter's scaling. No adapter weight is
-copied: the cost is the adapter weights in use, read once, plus the padding of uneven segments.
-A batch with one adapter is two plain matmuls; base-model rows get a scaling of zero, and a
-batch without adapters is the base layer alone. The stacks and the LoRA product stay in float32
-whatever the base dtype: on CPU float32 matmuls at these shapes are faster than bfloat16 ones
-and keep the delta as exact as peft's.
+few kilobytes), multiplies them by the view ``A[lo:hi]``, scales that rank-sized product by each
+position's adapter scaling, multiplies it by ``B[lo:hi]`` and gathers each row's result back.
+No adapter weight is copied: the cost is the adapter weights in the span, read once, plus the
+padding of uneven segments. A batch with one adapter is two plain matmuls; base-model rows get
+nothing added, and a batch without adapters is the base layer alone. On a prepacked bfloat16
+base (``packed_linear``) the delta is added inside the base layer's kernel. The stacks and the
+LoRA product stay in float32 whatever the base dtype: on CPU float32 matmuls at these shapes are
+faster than bfloat16 ones, and float32 greedy outputs stay equal to peft's.
 """
 
 from __future__ import annotations

@@ -81,3 +81,11 @@ def test_prometheus_and_snapshots_give_the_same_counts_and_verdict(tmp_path):
     prom, snap = results["prometheus"], results["snapshots"]
     assert prom.verdict == snap.verdict == analysis.PROMOTE
     assert prom.metrics[0] == snap.metrics[0] and prom.arms == snap.arms
+
+
+def test_api_times_round_down_so_the_point_at_a_windows_end_stays_inside_it():
+    from monitoring.prometheus import api_time
+
+    assert api_time(1796157888.144972) == "1796157888.144"  # to the nearest it would be .145, past the end
+    assert api_time(1796157888.0) == "1796157888.000"
+    assert float(api_time(1796157888.9999)) <= 1796157888.9999
