@@ -4,9 +4,10 @@ Rows are right-aligned on a shared column axis, so for every row the distance be
 columns equals the distance between their positions: the causal and sliding-window masks HF
 builds from ``cache_position`` stay right, and a 2-D padding mask hides each row's left padding.
 Sliding-window layers keep only the last ``window - 1`` columns (HF's
-``DynamicSlidingWindowLayer``), full-attention layers every column. A row joins with the cache
-of its own prefill (or of its group's, left-padded) and leaves by index; leading columns no remaining row uses are cut, so a
-finished long prompt frees its memory at the next token boundary.
+``DynamicSlidingWindowLayer``), full-attention layers every column. Rows join with the cache of
+their prefill (one sequence's, or a left-padded group's) and leave by index; leading columns no
+remaining row uses are cut, so a finished long prompt frees its memory at the next token
+boundary.
 """
 
 from __future__ import annotations
