@@ -180,8 +180,7 @@ def judge_scores(task: Task, rows: list[Row], references: Sequence[str], outputs
 def evaluate(
     task: Task, rows: list[Row], endpoint: Endpoint, prompt: Literal["student", "teacher"] = "student", judge: Endpoint | None = None
 ) -> EvalReport:
-    """Ask ``endpoint`` for every row (``prompt`` picks the task's template) and score against each row's gold
-    (or, when a row has none, the teacher's output); with ``judge``, also the task's judge criterion."""
+    """Ask ``endpoint`` for every row (``prompt`` picks the task's template) and score the answers (``report``)."""
     render = task.student_prompt if prompt == "student" else task.teacher_prompt
 
     def ask(row: Row):

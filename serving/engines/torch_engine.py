@@ -73,7 +73,7 @@ class _Sequence:
     done: bool = False  # retired: no longer waiting, prefilling or decoding
     holds_adapter: bool = False
     loading: concurrent.futures.Future | None = None  # its adapter's weights, read off the worker
-    cache: DynamicCache | None = None  # its own cache while it prefills; then it is a row of the batch cache
+    cache: DynamicCache | None = None  # its own cache while it prefills alone (made at its first chunk); then a batch row
     length: int = 0  # tokens in its KV cache: the position of its next input token
     seen: torch.Tensor | None = None  # vocabulary mask for the repetition penalty
     prefill_scores: list[float | None] = field(default_factory=list)
@@ -368,7 +368,6 @@ class TorchEngine(Engine):
                 self._fail(sequence, GenerationError(f"could not load adapter {adapter.adapter_id}: {exc}"))
                 return
             sequence.holds_adapter = True
-        sequence.cache = self._cache.new_prefill_cache()
         params = sequence.request.params
         if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
             vocabulary = self._adapters.model.config.vocab_size
@@ -468,8 +467,10 @@ class TorchEngine(Engine):
                 self._fail(sequence, exc if isinstance(exc, ServingError) else GenerationError(f"generation failed: {exc}"))
 
     def _prefill_chunk_forward(self, sequence: _Sequence, chunk: list[int]) -> torch.Tensor:
-        """Run one prompt chunk on the sequence's own cache; its logits ``[n or 1, vocab]``."""
+        """Run one prompt chunk on the sequence's own cache (made at its first chunk); its logits ``[n or 1, vocab]``."""
         start = sequence.length
+        if sequence.cache is None:
+            sequence.cache = self._cache.new_prefill_cache()
         all_logits = sequence.request.params.prefill_logprobs
         positions = torch.arange(start, start + len(chunk), device=self._device)
         self._adapters.bind([sequence.adapter_id])
